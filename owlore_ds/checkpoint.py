@@ -1,0 +1,236 @@
+"""Checkpoints: `OUT/checkpoint-N/` = DeepSpeed's `global_stepN/` + `latest`, the trainer's
+state, per-rank RNG states, and the model config and tokenizer (so that
+tools/convert_to_hf.py needs nothing else).
+
+A checkpoint is written under `checkpoint-N.tmp` and renamed when every rank is done,
+so a crash mid-save leaves the previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from owlore_ds import distributed as dist
+from owlore_ds.config import RUN_IDENTITY_FIELDS, TrainConfig
+from owlore_ds.errors import UserInputError
+
+TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "run_config.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def run_identity(cfg: TrainConfig, global_batch: int) -> dict[str, Any]:
+    identity = {name: getattr(cfg, name) for name in RUN_IDENTITY_FIELDS}
+    identity["global_batch"] = global_batch
+    return identity
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        match = _CHECKPOINT_RE.match(os.path.basename(path))
+        if match and os.path.isfile(os.path.join(path, TRAINER_STATE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _has_previous_run(output_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(output_dir, name)) for name in (RUN_CONFIG, "final")) or bool(
+        glob.glob(os.path.join(output_dir, "checkpoint-*"))
+    )
+
+
+def _expected_files(state: dict[str, Any]) -> list[str]:
+    """DeepSpeed's files of a checkpoint, relative to it, by ZeRO stage and world size."""
+    tag = f"global_step{state['global_step']}"
+    stage, world = state.get("zero_stage", 0), int(state["world_size"])
+    files = ["latest"]
+    if stage == 3:
+        files += [f"{tag}/zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(world) for kind in ("model", "optim")]
+    else:
+        files.append(f"{tag}/mp_rank_00_model_states.pt")
+        if stage > 0:
+            files += [f"{tag}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    return files
+
+
+def read_trainer_state(path: str, what: str = "--resume_from_checkpoint") -> dict[str, Any]:
+    """Checks that `path` is a complete checkpoint and returns its trainer state."""
+    state_file = os.path.join(path, TRAINER_STATE)
+    if not os.path.isdir(path):
+        raise UserInputError(f"{what} {path}: no such folder")
+    if not os.path.isfile(state_file):
+        raise UserInputError(f"{path}: not a complete checkpoint ({TRAINER_STATE} is missing)")
+    try:
+        with open(state_file) as fh:
+            state = json.load(fh)
+        int(state["global_step"]), int(state["world_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise UserInputError(f"{state_file}: corrupt trainer state") from None
+    for name in _expected_files(state):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) or os.path.getsize(file) == 0:
+            raise UserInputError(f"{path}: partial checkpoint, {name} is missing or empty")
+    return state
+
+
+def resolve_resume(cfg: TrainConfig, global_batch: int) -> Optional[str]:
+    """The checkpoint to resume from, or None; refuses an output dir holding a different run."""
+    out = cfg.output_dir
+    if cfg.overwrite_output_dir:
+        return None
+    if cfg.resume_from_checkpoint not in (None, "auto"):
+        read_trainer_state(cfg.resume_from_checkpoint)
+        chosen: Optional[str] = cfg.resume_from_checkpoint
+    elif _has_previous_run(out):
+        if cfg.resume_from_checkpoint != "auto":
+            raise UserInputError(
+                f"--output_dir {out} holds an earlier run; pass --resume_from_checkpoint auto to continue it "
+                "or --overwrite_output_dir to start over"
+            )
+        complete = list_checkpoints(out)
+        chosen = complete[-1][1] if complete else None
+    else:
+        return None
+    previous = _previous_identity(out, chosen)
+    if previous is not None:
+        current = run_identity(cfg, global_batch)
+        differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        if differing:
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in differing)
+            raise UserInputError(
+                f"--output_dir {out} holds a run with a different configuration ({details}); "
+                "use another --output_dir or --overwrite_output_dir"
+            )
+    if chosen is not None:
+        read_trainer_state(chosen)
+    return chosen
+
+
+def _previous_identity(out: str, checkpoint: Optional[str]) -> Optional[dict[str, Any]]:
+    for path in ([os.path.join(checkpoint, TRAINER_STATE)] if checkpoint else []) + [os.path.join(out, RUN_CONFIG)]:
+        if os.path.isfile(path):
+            with open(path) as fh:
+                data = json.load(fh)
+            return data.get("run_identity", data)
+    return None
+
+
+def prepare_output_dir(cfg: TrainConfig, identity: dict[str, Any], resuming: bool) -> None:
+    """Rank 0 clears a previous run (with --overwrite_output_dir) and records this run's identity."""
+    out = cfg.output_dir
+    if dist.is_main():
+        if cfg.overwrite_output_dir:
+            for path in glob.glob(os.path.join(out, "checkpoint-*")) + [os.path.join(out, "final")]:
+                shutil.rmtree(path, ignore_errors=True)
+            for name in ("metrics.jsonl", RUN_CONFIG):
+                if os.path.exists(os.path.join(out, name)):
+                    os.remove(os.path.join(out, name))
+        os.makedirs(out, exist_ok=True)
+        if not resuming:
+            _write_json(os.path.join(out, RUN_CONFIG), {"run_identity": identity, "config": cfg.to_dict()})
+    dist.barrier()
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    from deepspeed.accelerator import get_accelerator
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "accelerator": get_accelerator().get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_accelerator().set_rng_state(state["accelerator"])
+
+
+def save(engine, step: int, cfg: TrainConfig, trainer_state: dict[str, Any], model_config, tokenizer) -> str:
+    """Writes OUT/checkpoint-`step` on all ranks; returns its path."""
+    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    tmp = f"{final}.tmp"
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+    dist.barrier()
+    engine.save_checkpoint(tmp, tag=f"global_step{step}")
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{dist.rank()}.pth"))
+    if dist.is_main():
+        model_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
+    dist.barrier()
+    if dist.is_main():
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _prune(cfg.output_dir, cfg.save_total_limit)
+    dist.barrier()
+    return final
+
+
+def _prune(output_dir: str, limit: Optional[int]) -> None:
+    if limit is None:
+        return
+    for _, path in list_checkpoints(output_dir)[:-limit]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def universal_tag(path: str, step: int) -> str:
+    """Converts a ZeRO checkpoint to DeepSpeed's universal format (rank 0) so a different
+    number of ranks can load it; returns the tag to load."""
+    tag = f"global_step{step}_universal"
+    target = os.path.join(path, tag)
+    if dist.is_main() and not os.path.isfile(os.path.join(target, "mp_rank_00_model_states.pt")):
+        from types import SimpleNamespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = f"{target}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = SimpleNamespace(input_folder=os.path.join(path, f"global_step{step}"), output_folder=tmp,
+                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                               strict=True, inject_missing_state=True)
+        ds_to_universal.main(args)
+        os.replace(tmp, target)
+    dist.barrier()
+    return tag
+
+
+def needs_universal(state: dict[str, Any], world_size: int) -> bool:
+    """ZeRO partitions optimizer state by rank count: another count loads the universal format,
+    which must be switched on in the DeepSpeed config before the engine is built."""
+    return state["world_size"] != world_size and state.get("zero_stage", 0) > 0
+
+
+def load(engine, path: str, state: dict[str, Any], world_size: int) -> None:
+    """Restores engine, optimizer, scheduler and RNG states from checkpoint `path`."""
+    step = int(state["global_step"])
+    tag = universal_tag(path, step) if needs_universal(state, world_size) else f"global_step{step}"
+    try:
+        loaded, _ = engine.load_checkpoint(path, tag=tag, load_module_strict=True)
+    except Exception as exc:  # a truncated or foreign file surfaces as many exception types
+        raise UserInputError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if loaded is None:
+        raise UserInputError(f"{path}: DeepSpeed could not load tag {tag}")
+    rng_file = os.path.join(path, f"rng_state_{dist.rank()}.pth")
+    if os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))

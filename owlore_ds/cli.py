@@ -1,0 +1,34 @@
+"""Shared behaviour of the command-line entry points: logging, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Callable
+
+from owlore_ds.errors import UserInputError
+
+
+def setup_logging() -> None:
+    main_rank = os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) == "0"
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Runs `main`; bad input ends with one line on stderr (from rank 0) and exit status 2."""
+    setup_logging()
+    try:
+        main()
+    except UserInputError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,206 @@
+"""All training options in one place: a dataclass, its command line and its YAML file.
+
+Flag names follow Hugging Face / LMFlow so existing scripts carry over. A YAML file
+given with ``--config`` may hold the same keys; flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from owlore_ds.errors import UserInputError
+
+METHODS = ("full",)
+SCHEDULERS = ("constant", "linear", "cosine")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class TrainConfig:
+    # Model and data
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "local Hugging Face model folder"})
+    dataset_path: Optional[str] = field(default=None, metadata={"help": "LMFlow JSON, .jsonl/.json/.parquet, or a folder"})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "where checkpoints, metrics and final/ go"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in an output dir holding another run"})
+    block_size: int = field(default=512, metadata={"help": "tokens per example"})
+    cache_dir: str = field(default="~/.cache/owlore_ds", metadata={"help": "tokenized-data cache"})
+    no_shuffle: bool = field(default=False, metadata={"help": "train on examples in file order"})
+
+    # Schedule
+    method: str = field(default="full", metadata={"help": f"one of {', '.join(METHODS)}"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs when > 0"})
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = field(default="linear", metadata={"help": f"one of {', '.join(SCHEDULERS)}"})
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = field(default=1.0, metadata={"help": "global-norm clipping; 0 turns it off"})
+    seed: int = 42
+
+    # Precision and memory
+    bf16: bool = field(default=False, metadata={"help": "bf16 weights and compute (fp32 master weights)"})
+    fp32: bool = field(default=False, metadata={"help": "fp32 everywhere (the default)"})
+    gradient_checkpointing: bool = False
+    deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (default: ZeRO-2)"})
+
+    # Checkpoints and logging
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps; 0 saves only at the end"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep at most N checkpoints"})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'auto' or a checkpoint folder"})
+    logging_steps: int = field(default=10, metadata={"help": "console log every N steps (metrics.jsonl has every step)"})
+    report_to: str = field(default="none", metadata={"help": f"one of {', '.join(REPORT_TO)}"})
+
+    # Set by the deepspeed launcher; accepted and ignored (LOCAL_RANK in the environment is used).
+    local_rank: int = -1
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    def validate(self) -> None:
+        """Checks that need no file access; raises UserInputError naming the flag."""
+        for name in ("model_name_or_path", "dataset_path", "output_dir"):
+            if not getattr(self, name):
+                raise UserInputError(f"--{name} is required")
+        if self.bf16 and self.fp32:
+            raise UserInputError("--bf16 and --fp32 contradict each other; give one")
+        _check_choice("method", self.method, METHODS)
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _check_choice("report_to", self.report_to, REPORT_TO)
+        for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise UserInputError("give --max_steps > 0 or --num_train_epochs > 0")
+        if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise UserInputError("--learning_rate, --weight_decay and --max_grad_norm must be >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserInputError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_steps < 0 or self.warmup_steps < 0 or self.logging_steps < 1:
+            raise UserInputError("--save_steps and --warmup_steps must be >= 0 and --logging_steps >= 1")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise UserInputError(f"--save_total_limit must be at least 1, got {self.save_total_limit}")
+        if self.overwrite_output_dir and self.resume_from_checkpoint not in (None, "auto"):
+            raise UserInputError("--overwrite_output_dir contradicts --resume_from_checkpoint PATH; give one")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.num_train_epochs * steps_per_epoch))
+
+    def warmup_for(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps > 0 else math.ceil(self.warmup_ratio * total_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Options that change what is trained. A run resumed in an output dir must agree on
+# these with the run that wrote it; the rest (logging, saving, step budget, launcher
+# details, per-device split of the global batch) may change between sessions.
+RUN_IDENTITY_FIELDS = (
+    "model_name_or_path", "dataset_path", "block_size", "no_shuffle", "method",
+    "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "lr_scheduler_type", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed", "bf16",
+)
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UserInputError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    # Annotations are strings under `from __future__ import annotations`.
+    text = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if text in (name, f"Optional[{name}]"):
+            return kind
+    return str
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like UserInputError
+        raise UserInputError(f"command line: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Defaults are suppressed so that we can tell flags given on the command line
+    # (which override the YAML file) from dataclass defaults.
+    parser = _Parser(prog="train.py", description="owlore-ds trainer", argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file with the same keys as the flags")
+    for f in dataclasses.fields(TrainConfig):
+        kind = _field_type(f)
+        help_text = f.metadata.get("help", "")
+        flags = [f"--{f.name}"] + (["--local-rank"] if f.name == "local_rank" else [])
+        if kind is bool:
+            # `--bf16` and `--bf16 true` both work, as with HfArgumentParser.
+            parser.add_argument(*flags, type=_parse_bool, nargs="?", const=True, help=help_text)
+        else:
+            parser.add_argument(*flags, type=kind, help=help_text)
+    return parser
+
+
+def _coerce_yaml_value(path: str, key: str, value: Any, f: dataclasses.Field) -> Any:
+    kind = _field_type(f)
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        return kind(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise UserInputError(f"{path}: key {key!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserInputError(f"--config {path}: file not found")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: expected a mapping of option names to values")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise UserInputError(f"{path}: unknown key {key!r}")
+        values[key] = _coerce_yaml_value(path, key, value, fields[key])
+    return values
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    given = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = given.pop("config", None)
+    if config_path:
+        values.update(load_yaml(config_path))
+    values.update(given)
+    config = TrainConfig(**values)
+    config.validate()
+    return config

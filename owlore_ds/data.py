@@ -1,0 +1,381 @@
+"""Training data: read any supported format, tokenize (cached), and cut the global batches.
+
+Formats (detected from the file):
+- LMFlow JSON: {"type": "text_only" | "text2text" | "conversation", "instances": [...]}
+- rows in .jsonl / .json / .parquet with a `text`, `input`+`output` or `messages`
+  column, or pre-tokenized rows with `input_ids` (optional `labels`)
+- a folder: every .json/.jsonl/.parquet/.txt file in it (a .txt file is one text)
+
+Every example becomes a row of `block_size` token ids with labels (-100 where no loss
+is taken) and an attention mask. The order of global batches depends only on the seed
+and the data, never on the number of ranks or on the micro-batch/accumulation split.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+
+from owlore_ds import distributed as dist
+from owlore_ds.errors import UserInputError
+
+IGNORE_INDEX = -100
+CACHE_VERSION = "1"
+KINDS = ("text_only", "text2text", "conversation", "tokenized")
+SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizedData:
+    input_ids: torch.Tensor  # [N, block_size] int64
+    labels: torch.Tensor  # [N, block_size] int64, IGNORE_INDEX where no loss
+    attention_mask: torch.Tensor  # [N, block_size] int64
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def target_count(self, rows: torch.Tensor) -> int:
+        """Loss-bearing tokens of these rows, after the causal shift."""
+        return int((self.labels[rows, 1:] != IGNORE_INDEX).sum())
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _data_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.endswith(SUFFIXES))
+        if not files:
+            raise UserInputError(f"--dataset_path {path}: folder holds no {'/'.join(SUFFIXES)} files")
+        return files
+    if not os.path.isfile(path):
+        raise UserInputError(f"--dataset_path {path}: no such file or folder")
+    if not path.endswith(SUFFIXES):
+        raise UserInputError(f"--dataset_path {path}: expected a {'/'.join(SUFFIXES)} file or a folder")
+    return [path]
+
+
+def _load_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: not UTF-8 text") from None
+
+
+def _load_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserInputError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserInputError(f"{path}: line {lineno} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _load_parquet(path: str) -> list[dict]:
+    import datasets
+
+    try:
+        table = datasets.Dataset.from_parquet(path, keep_in_memory=True)
+    except Exception as exc:  # pyarrow raises many types for a bad file
+        raise UserInputError(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
+    return table.to_list()
+
+
+def _rows_kind(path: str, rows: list[dict]) -> str:
+    if not rows:
+        raise UserInputError(f"{path}: holds no examples")
+    columns = rows[0].keys()
+    if "input_ids" in columns:
+        kind = "tokenized"
+    elif "messages" in columns:
+        kind = "conversation"
+    elif "input" in columns and "output" in columns:
+        kind = "text2text"
+    elif "text" in columns:
+        kind = "text_only"
+    else:
+        raise UserInputError(
+            f"{path}: rows need a 'text', 'input'+'output', 'messages' or 'input_ids' column; found {sorted(columns)}"
+        )
+    return kind
+
+
+def _read_file(path: str) -> tuple[str, list[dict]]:
+    """Returns (kind, records) of one file."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return "text_only", [{"text": fh.read()}]
+    if path.endswith(".parquet"):
+        rows = _load_parquet(path)
+        return _rows_kind(path, rows), rows
+    if path.endswith(".jsonl"):
+        rows = _load_jsonl(path)
+        return _rows_kind(path, rows), rows
+    data = _load_json(path)
+    if isinstance(data, dict) and "instances" in data:
+        kind = data.get("type")
+        if kind not in KINDS[:3]:
+            raise UserInputError(f"{path}: unknown dataset type {kind!r}; expected one of {', '.join(KINDS[:3])}")
+        if not isinstance(data["instances"], list) or not data["instances"]:
+            raise UserInputError(f"{path}: 'instances' is empty or not a list")
+        return kind, data["instances"]
+    if isinstance(data, list):
+        return _rows_kind(path, data), data
+    raise UserInputError(f"{path}: expected an LMFlow object with 'type' and 'instances', or a list of rows")
+
+
+_REQUIRED = {"text_only": ("text",), "text2text": ("input", "output"), "conversation": ("messages",), "tokenized": ("input_ids",)}
+
+
+def _check_records(path: str, kind: str, records: list[dict]) -> None:
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserInputError(f"{path}: instance {index} is not a JSON object")
+        for key in _REQUIRED[kind]:
+            if key not in record:
+                raise UserInputError(f"{path}: instance {index} of a {kind} dataset lacks {key!r}")
+        if kind == "conversation":
+            messages = record["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+                raise UserInputError(f"{path}: instance {index}: 'messages' must be a list of {{role, content}} objects")
+        elif kind == "tokenized":
+            ids = record["input_ids"]
+            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                raise UserInputError(f"{path}: instance {index}: 'input_ids' must be a list of integers")
+            labels = record.get("labels")
+            if labels is not None and (not isinstance(labels, list) or len(labels) != len(ids)):
+                raise UserInputError(f"{path}: instance {index}: 'labels' must be a list as long as 'input_ids'")
+        else:
+            for key in _REQUIRED[kind]:
+                if not isinstance(record[key], str):
+                    raise UserInputError(f"{path}: instance {index}: {key!r} must be a string")
+
+
+def read_records(path: str) -> tuple[str, list[dict], list[str]]:
+    """Reads and checks every file under `path`; returns (kind, records, files)."""
+    files = _data_files(path)
+    kinds, records = set(), []
+    for file in files:
+        kind, file_records = _read_file(file)
+        _check_records(file, kind, file_records)
+        kinds.add(kind)
+        records.extend(file_records)
+    if len(kinds) > 1:
+        raise UserInputError(f"--dataset_path {path}: files mix dataset kinds {sorted(kinds)}; use one kind")
+    if not records:
+        raise UserInputError(f"--dataset_path {path}: the dataset is empty")
+    return kinds.pop(), records, files
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _pack_texts(records: list[dict], tokenizer, block_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    stream: list[int] = []
+    for record in records:
+        stream.extend(_bos(tokenizer) + _encode(tokenizer, record["text"]) + _eos(tokenizer))
+    blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    return blocks, [list(b) for b in blocks]
+
+
+def _fit(prompt: list[int], target: list[int], block_size: int) -> tuple[list[int], list[int]]:
+    """Cuts a long prompt from its start (after BOS) so that the target survives."""
+    if len(prompt) + len(target) <= block_size:
+        return prompt, target
+    keep = block_size - len(target)
+    if keep < 1:  # the target alone is too long: keep its beginning
+        return prompt[:1], target[: block_size - 1]
+    head = prompt[:1] if keep > 1 else []
+    return head + prompt[len(prompt) - (keep - len(head)) :], target
+
+
+def _text2text(record: dict, tokenizer, block_size: int) -> tuple[list[int], list[int]]:
+    prompt = _bos(tokenizer) + _encode(tokenizer, record["input"])
+    target = _encode(tokenizer, record["output"]) + _eos(tokenizer)
+    prompt, target = _fit(prompt, target, block_size)
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+def _conversation(record: dict, tokenizer, block_size: int) -> tuple[list[int], list[int]]:
+    # Each message is tokenized as the text the chat template adds for it, so the
+    # assistant turns can be labelled without relying on a {% generation %} block.
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    messages = record["messages"]
+    for i, message in enumerate(messages):
+        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        segment = _encode(tokenizer, text[len(rendered) :])
+        rendered = text
+        ids.extend(segment)
+        labels.extend(segment if message["role"] == "assistant" else [IGNORE_INDEX] * len(segment))
+    # Long conversations lose their earliest turns; the last reply survives.
+    return ids[-block_size:], labels[-block_size:]
+
+
+def _tokenized(record: dict, block_size: int) -> tuple[list[int], list[int]]:
+    ids = record["input_ids"][:block_size]
+    labels = record.get("labels") or ids
+    return ids, labels[:block_size]
+
+
+def tokenize_records(kind: str, records: list[dict], tokenizer, block_size: int) -> TokenizedData:
+    if kind == "text_only":
+        ids_list, labels_list = _pack_texts(records, tokenizer, block_size)
+    else:
+        if kind == "conversation" and not tokenizer.chat_template:
+            raise UserInputError("conversation data needs a tokenizer with a chat_template; the model's tokenizer has none")
+        ids_list, labels_list = [], []
+        for record in records:
+            if kind == "text2text":
+                ids, labels = _text2text(record, tokenizer, block_size)
+            elif kind == "conversation":
+                ids, labels = _conversation(record, tokenizer, block_size)
+            else:
+                ids, labels = _tokenized(record, block_size)
+            # An example with no loss-bearing token would give 0/0 = NaN: drop it.
+            if any(label != IGNORE_INDEX for label in labels[1:]):
+                ids_list.append(ids)
+                labels_list.append(labels)
+        if len(ids_list) < len(records):
+            log.warning("dropped %d examples with no target tokens", len(records) - len(ids_list))
+    return _to_tensors(ids_list, labels_list, block_size, _pad_id(tokenizer))
+
+
+def _to_tensors(ids_list: list[list[int]], labels_list: list[list[int]], block_size: int, pad_id: int) -> TokenizedData:
+    n = len(ids_list)
+    input_ids = torch.full((n, block_size), pad_id, dtype=torch.long)
+    labels = torch.full((n, block_size), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, block_size), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(ids_list, labels_list)):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        mask[i, : len(ids)] = 1
+    return TokenizedData(input_ids, labels, mask)
+
+
+# ---------------------------------------------------------------- cache and entry point
+
+
+def _hash_files(paths: Iterable[str], digest) -> None:
+    for path in paths:
+        digest.update(os.path.basename(path).encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+
+
+def _cache_key(files: list[str], tokenizer_dir: str, block_size: int) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{block_size}".encode())
+    _hash_files(files, digest)
+    tokenizer_files = sorted(glob.glob(os.path.join(tokenizer_dir, "tokenizer*")) + glob.glob(os.path.join(tokenizer_dir, "*.model")))
+    _hash_files(tokenizer_files, digest)
+    return digest.hexdigest()[:24]
+
+
+def _save_atomic(obj: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int, cache_dir: str, vocab_size: int) -> TokenizedData:
+    """Reads, checks and tokenizes the dataset; one process per node tokenizes, the rest read its cache."""
+    kind, records, files = read_records(path)  # every rank checks, so every rank raises the same error
+    cache_path = os.path.join(os.path.expanduser(cache_dir), "tokenized", f"{_cache_key(files, tokenizer_dir, block_size)}.pt")
+    error: Optional[UserInputError] = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(cache_path):
+        try:
+            data = tokenize_records(kind, records, tokenizer, block_size)
+            _save_atomic(data.__dict__, cache_path)
+        except UserInputError as exc:
+            error = exc
+    if not dist.all_agree(error is None):
+        raise error or UserInputError(f"--dataset_path {path}: tokenizing failed on another rank")
+    data = TokenizedData(**torch.load(cache_path, weights_only=True))
+    if len(data) == 0:
+        raise UserInputError(f"--dataset_path {path}: no training example fits (block_size {block_size}); the dataset is empty")
+    top = int(data.input_ids.max())
+    if top >= vocab_size:
+        raise UserInputError(f"--dataset_path {path}: token id {top} is outside the model's vocabulary of {vocab_size}")
+    log.info("dataset %s: %s, %d examples of %d tokens", path, kind, len(data), block_size)
+    return data
+
+
+# ---------------------------------------------------------------- batches
+
+
+class GlobalBatches:
+    """Which rows every optimizer step trains on, and how they split over ranks and micro-batches.
+
+    Step s of epoch e = s // steps_per_epoch trains on rows perm_e[j*B:(j+1)*B] with
+    j = s % steps_per_epoch, where perm_e is a seeded permutation (identity with
+    --no_shuffle) and B the global batch. The last partial batch of an epoch is dropped.
+    """
+
+    def __init__(self, num_examples: int, global_batch: int, seed: int, shuffle: bool):
+        if num_examples < global_batch:
+            raise UserInputError(
+                f"the dataset has {num_examples} examples, fewer than one global batch of {global_batch} "
+                "(per_device_train_batch_size x gradient_accumulation_steps x ranks)"
+            )
+        self.num_examples = num_examples
+        self.global_batch = global_batch
+        self.seed = seed
+        self.shuffle = shuffle
+        self.steps_per_epoch = num_examples // global_batch
+        self._epoch, self._order = -1, torch.arange(num_examples)
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def rows(self, step: int) -> torch.Tensor:
+        epoch = self.epoch_of(step)
+        if self.shuffle and epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = torch.randperm(self.num_examples, generator=generator)
+        self._epoch = epoch
+        start = (step % self.steps_per_epoch) * self.global_batch
+        return self._order[start : start + self.global_batch]
+
+    @staticmethod
+    def micro_rows(rows: torch.Tensor, micro_step: int, rank: int, world: int, micro_batch: int) -> torch.Tensor:
+        start = (micro_step * world + rank) * micro_batch
+        return rows[start : start + micro_batch]

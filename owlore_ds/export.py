@@ -1,0 +1,76 @@
+"""Turning any checkpoint of ours (any ZeRO stage, any world size) into a Hugging Face folder."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from owlore_ds.checkpoint import TRAINER_STATE, read_trainer_state
+from owlore_ds.errors import UserInputError
+from owlore_ds.modeling import DTYPES
+
+
+def consolidated_state_dict(checkpoint: str, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 weights from the fp32 master partitions (ZeRO) or the saved module (stage 0)."""
+    tag = f"global_step{state['global_step']}"
+    if state.get("zero_stage", 0) > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
+            weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag=tag)
+    else:
+        saved = torch.load(os.path.join(checkpoint, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
+                           weights_only=False)
+        weights = saved["module"]
+    return {name: tensor.float() for name, tensor in weights.items()}
+
+
+def export_checkpoint(checkpoint: str, destination: str, dtype: Optional[str] = None, overwrite: bool = False) -> str:
+    """Writes config, safetensors weights and tokenizer of `checkpoint` to `destination`.
+
+    The folder is written under a temporary name and renamed at the end, so a failed
+    export never leaves a half-written model behind.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    state = read_trainer_state(checkpoint, what="checkpoint")
+    dtype = dtype or state.get("precision", "fp32")
+    if dtype not in DTYPES:
+        raise UserInputError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if os.path.exists(destination) and os.listdir(destination) and not overwrite:
+        raise UserInputError(f"{destination}: exists and is not empty; choose a new folder or pass --overwrite")
+    weights = consolidated_state_dict(checkpoint, state)
+    # Inside a ZeRO-3 training process, from_config would partition the new model
+    # across ranks with collectives that only this rank joins.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise UserInputError(f"{checkpoint}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.to(DTYPES[dtype])
+    tmp = f"{destination.rstrip('/')}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(checkpoint, local_files_only=True).save_pretrained(tmp)
+    with open(os.path.join(tmp, "owlore_ds_source.json"), "w") as fh:
+        json.dump({"checkpoint": os.path.abspath(checkpoint), "global_step": state["global_step"], "dtype": dtype}, fh)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(tmp, destination)
+    return destination
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, TRAINER_STATE))

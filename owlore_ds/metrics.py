@@ -1,0 +1,87 @@
+"""Per-step metrics: metrics.jsonl (always), the console, TensorBoard or Weights & Biases (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+from typing import Any, Optional
+
+from owlore_ds.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+def peak_memory_bytes() -> int:
+    """Accelerator max-allocated bytes; on CPU, the process's peak resident set."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return int(accelerator.max_memory_allocated())
+
+
+def check_reporter(report_to: str) -> None:
+    """Fails before training if the chosen reporter's package is missing."""
+    module = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}.get(report_to)
+    if module is None:
+        return
+    try:
+        __import__(module)
+    except ImportError:
+        package = "tensorboard" if report_to == "tensorboard" else "wandb"
+        raise UserInputError(f"--report_to {report_to} needs the {package} package: pip install {package}") from None
+
+
+class MetricsLog:
+    """Appends one JSON object per optimizer step; mirrors it to the chosen reporter."""
+
+    def __init__(self, output_dir: str, report_to: str, run_config: dict[str, Any], resume_step: int):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._truncate_after(resume_step)
+        self._writer: Any = None
+        self._wandb: Any = None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(os.path.join(output_dir, "runs"))
+        elif report_to == "wandb":
+            import wandb
+
+            self._wandb = wandb.init(config=run_config, dir=output_dir, resume="allow")
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run rewrites the steps after its checkpoint, so drop the killed run's lines for them."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as fh:
+            kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as fh:
+            fh.writelines(kept)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        step = record["step"]
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._writer is not None:
+            for key, value in numeric.items():
+                self._writer.add_scalar(f"train/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in numeric.items()}, step=step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def format_console(record: dict[str, Any], total_steps: int) -> str:
+    grad: Optional[float] = record.get("grad_norm")
+    grad_text = "n/a" if grad is None else f"{grad:.3f}"
+    return (f"step {record['step']}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.3e} "
+            f"grad_norm {grad_text} tokens/s {record['tokens_per_s']:.0f} "
+            f"peak_mem {record['peak_memory_bytes'] / 2**30:.2f} GiB")

@@ -1,0 +1,65 @@
+"""Optimizer and learning-rate schedule for each --method, and what the optimizer holds in memory."""
+
+from __future__ import annotations
+
+import torch
+from transformers import get_scheduler
+
+from owlore_ds.config import TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload: bool) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                  weight_decay=cfg.weight_decay)
+    if offload:
+        # ZeRO-Offload steps on the host; DeepSpeed requires its vectorized CPU Adam there.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_for(total_steps),
+                         num_training_steps=total_steps)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def held_state_bytes(optimizer, model: torch.nn.Module, device_type: str) -> tuple[int, int]:
+    """(bytes on the training device, bytes elsewhere) that the optimizer holds beyond the model's weights.
+
+    Counts moments and any master copies of the weights (the flat fp32 partitions of
+    a ZeRO optimizer), each storage once. `optimizer` may be a DeepSpeed wrapper.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    model_storages = {_storage(p) for p in model.parameters() if p.numel() > 0}
+    for p in model.parameters():  # ZeRO-3 keeps each rank's shard in ds_tensor
+        if hasattr(p, "ds_tensor"):
+            model_storages.add(_storage(p.ds_tensor))
+    seen: set[int] = set()
+    on_device = elsewhere = 0
+
+    def count(t: torch.Tensor) -> None:
+        nonlocal on_device, elsewhere
+        key = _storage(t)
+        if t.numel() == 0 or key in seen or key in model_storages:
+            return
+        seen.add(key)
+        size = t.untyped_storage().nbytes()
+        if t.device.type == device_type:
+            on_device += size
+        else:
+            elsewhere += size
+
+    for group in inner.param_groups:
+        for p in group["params"]:
+            count(p)
+    for state in inner.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                count(value)
+    return on_device, elsewhere

@@ -1,0 +1,170 @@
+"""The training loop: thin glue over config, data, model, DeepSpeed engine, checkpoints and metrics.
+
+Loss normalization: each micro-batch contributes (sum of token losses) / (loss-bearing
+tokens in the whole global batch). The gradient of a step is therefore the gradient of
+the global-batch mean loss, whatever the split over ranks and micro-batches, which is
+what makes a 1-rank and a 2-rank run with the same global batch train identically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import torch
+
+from owlore_ds import checkpoint, distributed as dist, ds_config, metrics
+from owlore_ds.config import TrainConfig
+from owlore_ds.data import GlobalBatches, TokenizedData, load_training_data
+from owlore_ds.modeling import causal_lm_loss_sum, check_block_size, load_model, load_tokenizer, read_model_config
+from owlore_ds.optim import build_optimizer, build_scheduler, held_state_bytes
+
+log = logging.getLogger("owlore_ds")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.cfg = cfg
+        self.world = dist.world_size()
+        self.rank = dist.rank()
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.device_type = get_accelerator().device_name()
+
+        # Everything that can fail on bad input is checked before OUT is touched.
+        self.model_config = read_model_config(cfg.model_name_or_path)
+        check_block_size(self.model_config, cfg.block_size, cfg.model_name_or_path)
+        metrics.check_reporter(cfg.report_to)
+        self.ds_config = ds_config.fill(ds_config.read(cfg.deepspeed), cfg, self.world, self.model_config.hidden_size)
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path)
+        self.data: TokenizedData = load_training_data(
+            cfg.dataset_path, self.tokenizer, cfg.model_name_or_path, cfg.block_size, cfg.cache_dir,
+            self.model_config.vocab_size)
+        self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
+        self.batches = GlobalBatches(len(self.data), self.global_batch, cfg.seed, shuffle=not cfg.no_shuffle)
+        self.total_steps = cfg.total_steps(self.batches.steps_per_epoch)
+        self.resume_path = checkpoint.resolve_resume(cfg, self.global_batch)
+        self.resume_state = checkpoint.read_trainer_state(self.resume_path) if self.resume_path else None
+        if self.resume_state and checkpoint.needs_universal(self.resume_state, self.world):
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
+        deepspeed.runtime.utils.set_random_seed(cfg.seed)
+        # Under ZeRO-3 this makes from_pretrained partition the weights as they load.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        model = load_model(cfg.model_name_or_path, cfg.precision, cfg.gradient_checkpointing)
+        optimizer = build_optimizer(model, cfg, offload=ds_config.offloads_optimizer(self.ds_config))
+        scheduler = build_scheduler(optimizer, cfg, self.total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.step = 0
+        if self.resume_path:
+            checkpoint.load(self.engine, self.resume_path, self.resume_state, self.world)
+            self.step = int(self.resume_state["global_step"])
+            log.info("resumed from %s at step %d", self.resume_path, self.step)
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.data.input_ids[rows].to(self.device),
+                "attention_mask": self.data.attention_mask[rows].to(self.device),
+                "labels": self.data.labels[rows].to(self.device)}
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        rows = self.batches.rows(self.step)
+        targets = self.data.target_count(rows)
+        # DeepSpeed divides by the accumulation steps and averages over ranks; undo both
+        # so that the summed gradient is that of the global-batch mean.
+        scale = self.world * cfg.gradient_accumulation_steps / targets
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
+        loss_sum = 0.0
+        for micro_step in range(cfg.gradient_accumulation_steps):
+            micro = GlobalBatches.micro_rows(rows, micro_step, self.rank, self.world, cfg.per_device_train_batch_size)
+            batch = self._micro_batch(micro)
+            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            micro_loss = causal_lm_loss_sum(logits, batch["labels"])
+            self.engine.backward(micro_loss * scale)
+            self.engine.step()
+            loss_sum += micro_loss.item()
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        on_device, offloaded = held_state_bytes(self.optimizer, self.engine.module, self.device_type)
+        (total_loss,) = dist.all_reduce([loss_sum])
+        peak, state_bytes, offloaded = dist.all_reduce([metrics.peak_memory_bytes(), on_device, offloaded], op="max")
+        step_time = time.perf_counter() - start
+        tokens = int(self.data.attention_mask[rows].sum())
+        record = {
+            "step": self.step, "loss": total_loss / targets, "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens": tokens, "tokens_per_s": tokens / step_time, "step_time_s": step_time,
+            "optimizer_state_bytes": int(state_bytes), "peak_memory_bytes": int(peak),
+        }
+        if offloaded:
+            record["offloaded_state_bytes"] = int(offloaded)
+        return record
+
+    # ------------------------------------------------------------------ loop
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"global_step": self.step, "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
+                "world_size": self.world, "zero_stage": ds_config.zero_stage(self.ds_config),
+                "precision": self.cfg.precision, "total_steps": self.total_steps,
+                "run_identity": checkpoint.run_identity(self.cfg, self.global_batch)}
+
+    def save(self) -> str:
+        return checkpoint.save(self.engine, self.step, self.cfg, self.trainer_state(), self.model_config, self.tokenizer)
+
+    def train(self) -> Optional[str]:
+        """Trains to the end; returns the path of the exported Hugging Face folder."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        identity = checkpoint.run_identity(cfg, self.global_batch)
+        checkpoint.prepare_output_dir(cfg, identity, resuming=self.resume_path is not None)
+        log_file = metrics.MetricsLog(cfg.output_dir, cfg.report_to, cfg.to_dict(), self.step) if dist.is_main() else None
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main(), desc="train",
+                        dynamic_ncols=True)
+        last_saved = self.step if self.resume_path else None
+        while self.step < self.total_steps:
+            record = self.train_step()
+            if not torch.isfinite(torch.tensor(record["loss"])):
+                raise RuntimeError(f"loss is {record['loss']} at step {self.step}; stopping before it reaches a checkpoint")
+            if log_file:
+                log_file.write(record)
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                    progress.write(metrics.format_console(record, self.total_steps))
+            if cfg.save_steps and self.step % cfg.save_steps == 0:
+                self.save()
+                last_saved = self.step
+        progress.close()
+        if log_file:
+            log_file.close()
+        final_checkpoint = self.save() if last_saved != self.step else os.path.join(cfg.output_dir, f"checkpoint-{self.step}")
+        return self.export_final(final_checkpoint)
+
+    def export_final(self, final_checkpoint: str) -> Optional[str]:
+        destination = os.path.join(self.cfg.output_dir, "final")
+        if dist.is_main():
+            from owlore_ds.export import export_checkpoint
+
+            export_checkpoint(final_checkpoint, destination, overwrite=True)
+            log.info("wrote the Hugging Face model to %s", destination)
+        dist.barrier()
+        return destination
+
+
+def run(cfg: TrainConfig) -> None:
+    dist.init()
+    try:
+        Trainer(cfg).train()
+    finally:
+        dist.shutdown()
