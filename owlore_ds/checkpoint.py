@@ -50,20 +50,6 @@ def _has_previous_run(output_dir: str) -> bool:
     )
 
 
-def _expected_files(state: dict[str, Any]) -> list[str]:
-    """DeepSpeed's files of a checkpoint, relative to it, by ZeRO stage and world size."""
-    tag = f"global_step{state['global_step']}"
-    stage, world = state.get("zero_stage", 0), int(state["world_size"])
-    files = ["latest"]
-    if stage == 3:
-        files += [f"{tag}/zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(world) for kind in ("model", "optim")]
-    else:
-        files.append(f"{tag}/mp_rank_00_model_states.pt")
-        if stage > 0:
-            files += [f"{tag}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
-    return files
-
-
 def read_trainer_state(path: str, what: str = "--resume_from_checkpoint") -> dict[str, Any]:
     """Checks that `path` is a complete checkpoint and returns its trainer state."""
     state_file = os.path.join(path, TRAINER_STATE)
@@ -74,13 +60,19 @@ def read_trainer_state(path: str, what: str = "--resume_from_checkpoint") -> dic
     try:
         with open(state_file) as fh:
             state = json.load(fh)
-        int(state["global_step"]), int(state["world_size"])
+        step, world = int(state["global_step"]), int(state["world_size"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise UserInputError(f"{state_file}: corrupt trainer state") from None
-    for name in _expected_files(state):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file) or os.path.getsize(file) == 0:
-            raise UserInputError(f"{path}: partial checkpoint, {name} is missing or empty")
+    tag_dir = os.path.join(path, f"global_step{step}")
+    # DeepSpeed names files by stage and precision (zero_pp_rank_R_..., bf16_zero_pp_rank_R_...).
+    model_files = glob.glob(os.path.join(tag_dir, "*model_states.pt"))
+    optim_files = glob.glob(os.path.join(tag_dir, "*optim_states.pt"))
+    expected_optim = world if state.get("zero_stage", 0) > 0 else 0
+    if not os.path.isfile(os.path.join(path, "latest")) or not model_files or len(optim_files) < expected_optim:
+        raise UserInputError(f"{path}: partial checkpoint, files of global_step{step} are missing")
+    for file in model_files + optim_files:
+        if os.path.getsize(file) == 0:
+            raise UserInputError(f"{path}: partial checkpoint, {os.path.relpath(file, path)} is empty")
     return state
 
 

@@ -1,0 +1,177 @@
+"""Shared fixtures: tiny real models with a real SentencePiece tokenizer, and real launches.
+
+Models are random-initialized from small configs (no hub); the tokenizer is trained on
+the shipped Shakespeare text in a second. Training runs go through the real launchers
+as separate processes, on CPU with gloo.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+VENV_BIN = Path(sys.executable).parent
+TRAIN = str(ROOT / "launch" / "train.py")
+CORPUS = ROOT / "data" / "pretrain" / "train.txt"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_env(port: Optional[int] = None) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if port is not None:
+        env["MASTER_PORT"] = str(port)
+    return env
+
+
+def _remove_shm_buffers(port: int) -> None:
+    # DeepSpeed's CPU shared-memory allreduce leaves one RAM-backed file per rank and port.
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def launch_command(launcher: str, nproc: int, port: int, args: list[str], script: str = TRAIN) -> list[str]:
+    python = sys.executable
+    if launcher == "python":
+        return [python, script, *args]
+    if launcher == "torchrun":
+        return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port), script, *args]
+    if launcher == "deepspeed":
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), script, *args]
+    if launcher == "mpirun":
+        return [str(VENV_BIN / "mpirun"), "-np", str(nproc), python, script, *args]
+    raise ValueError(launcher)
+
+
+def run_training(args: list[str], nproc: int = 1, launcher: Optional[str] = None, check: bool = True,
+                 timeout: int = 300, script: str | Path = TRAIN,
+                 extra_env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Runs launch/train.py (or another entry script) under a launcher and returns the finished process."""
+    launcher = launcher or ("python" if nproc == 1 else "torchrun")
+    port = free_port()
+    env = {**base_env(port), **(extra_env or {})}
+    try:
+        result = subprocess.run(launch_command(launcher, nproc, port, args, str(script)), env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=timeout)
+    finally:
+        _remove_shm_buffers(port)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def start_training(args: list[str], nproc: int) -> tuple[subprocess.Popen, int]:
+    """Starts a torchrun job in its own process group, so a test can SIGKILL all of it."""
+    port = free_port()
+    proc = subprocess.Popen(launch_command("torchrun", nproc, port, args), env=base_env(port), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, port
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    with open(Path(output_dir) / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def final_weights(output_dir: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(output_dir) / "final" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _make_model(folder: Path, tokenizer_dir: Path, model_type: str, num_layers: int) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from tools.train_tokenizer import save_hf_tokenizer, train_sentencepiece
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    text = folder / "corpus.txt"
+    text.write_text(CORPUS.read_text(encoding="utf-8")[:300_000], encoding="utf-8")
+    train_sentencepiece([text], 512, folder)
+    text.unlink()
+    save_hf_tokenizer(folder, model_max_length=256)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    return _make_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir, "llama", 2)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(tmp_path_factory, tokenizer_dir):
+    def make(model_type: str, num_layers: int = 2) -> Path:
+        return _make_model(tmp_path_factory.mktemp(f"tiny-{model_type}"), tokenizer_dir, model_type, num_layers)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """A folder of .txt files: a few thousand tokens of real text."""
+    folder = tmp_path_factory.mktemp("texts")
+    text = CORPUS.read_text(encoding="utf-8")
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text(text[i * 20_000 : (i + 1) * 20_000], encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def task_data() -> Path:
+    """The embedded speaker task in LMFlow text2text format (answers of different lengths)."""
+    return ROOT / "data" / "tasks" / "shakespeare_speaker" / "train.json"
+
+
+def common_args(model: Path, data: Path, out: Path, **overrides) -> list[str]:
+    """Flags of a short fp32 run; keyword overrides replace or add flags (value None drops one)."""
+    flags = {"model_name_or_path": model, "dataset_path": data, "output_dir": out, "block_size": 64,
+             "max_steps": 4, "learning_rate": 3e-3, "lr_scheduler_type": "linear", "warmup_steps": 1,
+             "logging_steps": 1, "save_steps": 0, "seed": 7, "weight_decay": 0.01, "cache_dir": out.parent / "cache"}
+    flags.update(overrides)
+    args: list[str] = []
+    for key, value in flags.items():
+        if value is None:
+            continue
+        args += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return args
