@@ -233,18 +233,20 @@ def _text2text(record: dict, tokenizer, block_size: int) -> tuple[list[int], lis
 
 
 def _conversation(record: dict, tokenizer, block_size: int) -> tuple[list[int], list[int]]:
-    # Each message is tokenized as the text the chat template adds for it, so the
-    # assistant turns can be labelled without relying on a {% generation %} block.
-    ids: list[int] = []
-    labels: list[int] = []
-    rendered = ""
+    # The whole conversation is tokenized once (tokenizing turn by turn would add
+    # SentencePiece's dummy prefix space to every turn); a token is labelled when its
+    # first character lies in the text that the chat template added for an assistant turn.
     messages = record["messages"]
+    spans, rendered = [], ""
     for i, message in enumerate(messages):
         text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        segment = _encode(tokenizer, text[len(rendered) :])
+        if message["role"] == "assistant":
+            spans.append((len(rendered), len(text)))
         rendered = text
-        ids.extend(segment)
-        labels.extend(segment if message["role"] == "assistant" else [IGNORE_INDEX] * len(segment))
+    encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [token if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+              for token, (start, _) in zip(ids, encoded["offset_mapping"])]
     # Long conversations lose their earliest turns; the last reply survives.
     return ids[-block_size:], labels[-block_size:]
 
@@ -259,8 +261,8 @@ def tokenize_records(kind: str, records: list[dict], tokenizer, block_size: int)
     if kind == "text_only":
         ids_list, labels_list = _pack_texts(records, tokenizer, block_size)
     else:
-        if kind == "conversation" and not tokenizer.chat_template:
-            raise UserInputError("conversation data needs a tokenizer with a chat_template; the model's tokenizer has none")
+        if kind == "conversation" and not (tokenizer.chat_template and tokenizer.is_fast):
+            raise UserInputError("conversation data needs a fast tokenizer with a chat_template; the model's has none")
         ids_list, labels_list = [], []
         for record in records:
             if kind == "text2text":

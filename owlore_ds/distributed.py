@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from owlore_ds.errors import UserInputError
+
 _MPI_ENV = (
     # (rank, size, local rank, local size) variable names
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
@@ -47,7 +49,7 @@ def map_launcher_env(environ: dict[str, str] = os.environ) -> None:
             environ.setdefault("MASTER_PORT", str(_free_port()))
     environ.setdefault("LOCAL_RANK", "0")
     if "MASTER_ADDR" not in environ:
-        raise RuntimeError("MASTER_ADDR is not set: export rank 0's host name to every rank of a multi-node job")
+        raise UserInputError("MASTER_ADDR is not set: export rank 0's host name to every rank of a multi-node job")
 
 
 def select_accelerator() -> None:

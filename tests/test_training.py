@@ -35,6 +35,16 @@ def test_one_rank_equals_two_ranks(tmp_path, tiny_llama, task_data, stage):
     assert len(losses_one) == 4
     assert losses_one == pytest.approx(losses_two, rel=1e-5)
     assert_same_weights(final_weights(one), final_weights(two))
+    # Full AdamW holds two moments of every parameter, partitioned over ranks, and under ZeRO-1/2
+    # an fp32 master copy too (ZeRO-3 in fp32 updates its own weight partition in place).
+    from transformers import AutoModelForCausalLM
+
+    num_params = AutoModelForCausalLM.from_pretrained(tiny_llama).num_parameters()
+    state_one = read_metrics(one)[-1]["optimizer_state_bytes"]
+    state_two = read_metrics(two)[-1]["optimizer_state_bytes"]
+    copies = 2 if stage == 3 else 3
+    assert state_one == pytest.approx(copies * 4 * num_params, rel=0.005)
+    assert state_two == pytest.approx(state_one / 2, rel=0.01)
     # The update is real: the weights moved away from the initial model.
     from safetensors.torch import load_file
 
@@ -59,6 +69,20 @@ def test_launchers_train_two_ranks(tmp_path, tiny_llama, text_corpus, launcher, 
     assert trainer_state["world_size"] == 2, result.stderr[-2000:]
     for key in ("lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "optimizer_state_bytes", "peak_memory_bytes"):
         assert metrics[-1][key] is not None and metrics[-1][key] > 0, key
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_other_architectures_train_and_export(tmp_path, make_tiny_model, text_corpus, model_type):
+    model = make_tiny_model(model_type)
+    out = tmp_path / "out"
+    run_training(common_args(model, text_corpus, out, per_device_train_batch_size=4, max_steps=10, learning_rate=5e-3,
+                             lr_scheduler_type="constant", warmup_steps=0, gradient_checkpointing=True))
+    losses = [m["loss"] for m in read_metrics(out)]
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.9
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(out / "final", local_files_only=True)
+    assert exported.config.model_type == model_type
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -1,0 +1,165 @@
+"""Every dataset format, tokenized with a real SentencePiece tokenizer, and the global batch order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import common_args, read_metrics, run_training
+from owlore_ds.data import IGNORE_INDEX, GlobalBatches, load_training_data, read_records, tokenize_records
+from owlore_ds.errors import UserInputError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+def _write(path: Path, data) -> Path:
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data, encoding="utf-8")
+    return path
+
+
+def _load(path: Path, tokenizer, tokenizer_dir, block_size: int = 48):
+    return load_training_data(str(path), tokenizer, str(tokenizer_dir), block_size, str(path.parent / "cache"),
+                              vocab_size=len(tokenizer))
+
+
+def _targets(data, row: int) -> list[int]:
+    return [t for t in data.labels[row].tolist() if t != IGNORE_INDEX]
+
+
+def test_text_only_is_packed_into_full_blocks(tmp_path, tokenizer, tokenizer_dir):
+    texts = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer"] * 20
+    path = _write(tmp_path / "d.json", {"type": "text_only", "instances": [{"text": t} for t in texts]})
+    data = _load(path, tokenizer, tokenizer_dir, block_size=32)
+    stream = []
+    for text in texts:
+        stream += [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(data) == len(stream) // 32
+    assert data.input_ids.flatten().tolist() == stream[: len(data) * 32]
+    assert torch.equal(data.labels, data.input_ids) and bool(data.attention_mask.all())
+
+
+def test_text2text_takes_loss_on_output_only_and_keeps_the_target_of_long_prompts(tmp_path, tokenizer, tokenizer_dir):
+    long_prompt = "Friends, Romans, countrymen, lend me your ears; " * 30
+    instances = [{"input": "Who speaks?", "output": " HAMLET"}, {"input": long_prompt, "output": " ANTONY"}]
+    data = _load(_write(tmp_path / "d.json", {"type": "text2text", "instances": instances}), tokenizer, tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    for row, answer in enumerate([" HAMLET", " ANTONY"]):
+        assert _targets(data, row) == tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
+    long_ids = data.input_ids[1][data.attention_mask[1].bool()].tolist()
+    assert len(long_ids) == 48 and long_ids[0] == tokenizer.bos_token_id  # cut from the prompt's start
+    assert tokenizer.decode(long_ids[-4:-1]).strip().endswith("ANTONY")
+    assert data.attention_mask[0].sum() < 48 and data.input_ids[0, -1] == tokenizer.pad_token_id
+
+
+def test_conversation_takes_loss_on_assistant_turns(tmp_path, tokenizer, tokenizer_dir):
+    messages = [{"role": "user", "content": "Who is the Prince of Denmark?"},
+                {"role": "assistant", "content": "Hamlet."},
+                {"role": "user", "content": "And his father?"},
+                {"role": "assistant", "content": "The ghost."}]
+    data = _load(_write(tmp_path / "c.json", {"type": "conversation", "instances": [{"messages": messages}]}),
+                 tokenizer, tokenizer_dir, block_size=96)
+    target_text = tokenizer.decode(_targets(data, 0))
+    assert "Hamlet." in target_text and "The ghost." in target_text
+    assert "Prince" not in target_text and "father" not in target_text
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(data.input_ids[0][data.attention_mask[0].bool()]) == tokenizer.decode(
+        tokenizer(full, add_special_tokens=False)["input_ids"])
+
+
+def test_rows_files_and_folders(tmp_path, tokenizer, tokenizer_dir):
+    import datasets
+
+    rows = [{"input": f"line {i}", "output": f" answer {i}"} for i in range(6)]
+    (tmp_path / "jsonl").mkdir()
+    _write(tmp_path / "jsonl" / "a.jsonl", "\n".join(json.dumps(r) for r in rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    _write(tmp_path / "rows.json", rows)
+    loaded = [_load(p, tokenizer, tokenizer_dir) for p in (tmp_path / "jsonl", tmp_path / "rows.parquet", tmp_path / "rows.json")]
+    for data in loaded[1:]:
+        assert torch.equal(data.input_ids, loaded[0].input_ids) and torch.equal(data.labels, loaded[0].labels)
+    assert read_records(str(tmp_path / "rows.parquet"))[0] == "text2text"
+    _write(tmp_path / "m.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}))
+    assert read_records(str(tmp_path / "m.jsonl"))[0] == "conversation"
+    (tmp_path / "txt").mkdir()
+    _write(tmp_path / "txt" / "a.txt", "O Romeo, Romeo, wherefore art thou Romeo? " * 20)
+    _write(tmp_path / "txt" / "b.txt", "Now is the winter of our discontent " * 20)
+    kind, records, files = read_records(str(tmp_path / "txt"))
+    assert kind == "text_only" and len(records) == 2 and len(files) == 2
+    assert len(_load(tmp_path / "txt", tokenizer, tokenizer_dir, block_size=16)) > 10
+
+
+def test_pretokenized_rows_are_one_example_each(tmp_path, tokenizer, tokenizer_dir):
+    rows = [{"input_ids": list(range(10, 10 + n))} for n in (5, 60, 20)]
+    rows[2]["labels"] = [IGNORE_INDEX] * 10 + list(range(20, 30))
+    data = _load(_write(tmp_path / "t.jsonl", "\n".join(json.dumps(r) for r in rows)), tokenizer, tokenizer_dir)
+    assert len(data) == 3
+    assert data.input_ids[0, :5].tolist() == list(range(10, 15)) and data.attention_mask[0].sum() == 5
+    assert data.input_ids[1].tolist() == list(range(10, 58))  # cut to block_size
+    assert _targets(data, 2) == list(range(20, 30))
+
+
+def test_example_without_target_is_dropped_not_nan(tmp_path, tokenizer, tokenizer_dir):
+    instances = [{"input": "Speak.", "output": ""}, {"input": "Speak again.", "output": " I will."}]
+    records = read_records(str(_write(tmp_path / "d.json", {"type": "text2text", "instances": instances})))[1]
+    # Only EOS is left as the target of the empty output, which still teaches when to stop.
+    assert len(tokenize_records("text2text", records, tokenizer, 48)) == 2
+    data = tokenize_records("tokenized", [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX] * 3},
+                                          {"input_ids": [5, 6, 7]}], tokenizer, 48)
+    assert len(data) == 1
+
+
+def test_global_batches_do_not_depend_on_the_rank_split():
+    batches = GlobalBatches(num_examples=40, global_batch=8, seed=3, shuffle=False)
+    assert batches.rows(0).tolist() == list(range(8)) and batches.rows(6).tolist() == list(range(8, 16))
+    shuffled = GlobalBatches(40, 8, seed=3, shuffle=True)
+    epoch = torch.cat([shuffled.rows(s) for s in range(5)])
+    assert sorted(epoch.tolist()) == list(range(40)) and epoch.tolist() != list(range(40))
+    assert not torch.equal(torch.cat([shuffled.rows(s) for s in range(5, 10)]), epoch)  # reshuffled per epoch
+    rows = shuffled.rows(2)
+    for world, micro, accum in ((1, 8, 1), (2, 2, 2), (4, 1, 2), (8, 1, 1)):
+        parts = [GlobalBatches.micro_rows(rows, m, r, world, micro) for m in range(accum) for r in range(world)]
+        assert sorted(torch.cat(parts).tolist()) == sorted(rows.tolist())
+
+
+def test_no_shuffle_step_trains_on_rows_in_file_order(tmp_path, tiny_llama):
+    """Each row is a different constant sequence; the step's loss identifies the rows trained on."""
+    rows = [{"input_ids": [10 + i] * 16} for i in range(16)]
+    path = _write(tmp_path / "rows.jsonl", "\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    run_training(common_args(tiny_llama, path, out, block_size=16, per_device_train_batch_size=2,
+                             max_steps=4, learning_rate=0.0, no_shuffle=True, warmup_steps=0), nproc=2)
+    losses = [m["loss"] for m in read_metrics(out)]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, local_files_only=True)
+    for step, loss in enumerate(losses):
+        ids = torch.tensor([r["input_ids"] for r in rows[step * 4 : (step + 1) * 4]])
+        with torch.no_grad():
+            expected = model(input_ids=ids, labels=ids).loss.item()
+        assert loss == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"type": "text_only", "instances": [{"text": "a"},]}', "d.json: not valid JSON at line 1"),
+    ('{"type": "poetry", "instances": [{"text": "a"}]}', "unknown dataset type 'poetry'"),
+    ('{"type": "text2text", "instances": []}', "'instances' is empty"),
+    ('{"type": "text2text", "instances": [{"input": "a"}]}', "instance 0 of a text2text dataset lacks 'output'"),
+])
+def test_bad_datasets_name_file_and_place(tmp_path, content, message):
+    path = _write(tmp_path / "d.json", content)
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        read_records(str(path))
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = _write(tmp_path / "rows.jsonl", '{"text": "fine"}\n{"text": broken}\n')
+    with pytest.raises(UserInputError, match=r"rows.jsonl: line 2 is not valid JSON"):
+        read_records(str(path))
