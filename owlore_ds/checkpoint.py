@@ -70,6 +70,10 @@ def read_trainer_state(path: str, what: str = "--resume_from_checkpoint") -> dic
     expected_optim = world if state.get("zero_stage", 0) > 0 else 0
     if not os.path.isfile(os.path.join(path, "latest")) or not model_files or len(optim_files) < expected_optim:
         raise UserInputError(f"{path}: partial checkpoint, files of global_step{step} are missing")
+    if "layerwise" in state:
+        optim_files = [_rank_state_file(path, r) for r in range(world)]
+        if not all(os.path.isfile(f) for f in optim_files):
+            raise UserInputError(f"{path}: partial checkpoint, a layerwise_rank*.pt file is missing")
     for file in model_files + optim_files:
         if os.path.getsize(file) == 0:
             raise UserInputError(f"{path}: partial checkpoint, {os.path.relpath(file, path)} is empty")
@@ -157,7 +161,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     get_accelerator().set_rng_state(state["accelerator"])
 
 
-def save(engine, step: int, cfg: TrainConfig, trainer_state: dict[str, Any], model_config, tokenizer) -> str:
+def _rank_state_file(path: str, rank: int) -> str:
+    return os.path.join(path, f"layerwise_rank{rank}.pt")
+
+
+def load_rank_states(path: str, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layerwise optimizer's per-rank files of a checkpoint (plain tensors), every rank's."""
+    try:
+        return [torch.load(_rank_state_file(path, r), map_location="cpu", weights_only=True)
+                for r in range(int(state["world_size"]))]
+    except Exception as exc:
+        raise UserInputError(f"{path}: corrupt checkpoint ({type(exc).__name__} reading the optimizer state)") from None
+
+
+def save(engine, step: int, cfg: TrainConfig, trainer_state: dict[str, Any], model_config, tokenizer,
+         rank_state: Optional[dict[str, Any]] = None) -> str:
     """Writes OUT/checkpoint-`step` on all ranks; returns its path."""
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = f"{final}.tmp"
@@ -166,6 +184,8 @@ def save(engine, step: int, cfg: TrainConfig, trainer_state: dict[str, Any], mod
     dist.barrier()
     engine.save_checkpoint(tmp, tag=f"global_step{step}")
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{dist.rank()}.pth"))
+    if rank_state is not None:
+        torch.save(rank_state, _rank_state_file(tmp, dist.rank()))
     if dist.is_main():
         model_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

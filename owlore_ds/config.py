@@ -17,7 +17,9 @@ import yaml
 
 from owlore_ds.errors import UserInputError
 
-METHODS = ("full",)
+METHODS = ("full", "lisa", "owlore", "galore")
+LAYERWISE_METHODS = ("lisa", "owlore", "galore")
+PROB_MODES = ("uniform", "owl", "owl_reverse", "increase", "decrease")
 SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
 
@@ -63,12 +65,44 @@ class TrainConfig:
     logging_steps: int = field(default=10, metadata={"help": "console log every N steps (metrics.jsonl has every step)"})
     report_to: str = field(default="none", metadata={"help": f"one of {', '.join(REPORT_TO)}"})
 
+    # Layer sampling (lisa, owlore); names as in the OwLore reference implementation
+    lisa_activated_layers: int = field(default=5, metadata={"help": "layers trained at a time (gamma)"})
+    lisa_interval_steps: int = field(default=50, metadata={"help": "optimizer steps between resamplings (K)"})
+    lisa_prob_mode: Optional[str] = field(default=None, metadata={
+        "help": f"one of {', '.join(PROB_MODES)}; default uniform for lisa, owl for owlore"})
+    outlier_ratios: Optional[str] = field(default=None, metadata={
+        "help": "OWL ratio file from tools/compute_outliers.py; computed and cached in OUT if absent"})
+    owl_threshold_m: float = field(default=5.0, metadata={"help": "outlier threshold M (times the layer mean)"})
+    owl_nsamples: int = field(default=128, metadata={"help": "calibration windows for outlier ratios"})
+    owl_seqlen: Optional[int] = field(default=None, metadata={"help": "calibration window length (default block_size)"})
+    freeze_embeddings: bool = field(default=False, metadata={"help": "do not train embeddings and lm_head"})
+    inactive_state: str = field(default="free", metadata={
+        "help": "state of layers that leave the active set: free or offload (kept on CPU)"})
+    galore: bool = field(default=False, metadata={"help": "with --method lisa: the reference's switch for owlore"})
+    galore_rank: int = 256
+    galore_update_proj_gap: int = 100
+    galore_scale: float = 1.0
+    galore_proj_type: str = field(default="std", metadata={"help": "std, reverse_std, left or right"})
+    galore_svd: str = field(default="exact", metadata={"help": "exact or randomized (Halko) projector refresh"})
+
     # Set by the deepspeed launcher; accepted and ignored (LOCAL_RANK in the environment is used).
     local_rank: int = -1
 
     @property
     def precision(self) -> str:
         return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def layerwise(self) -> bool:
+        return self.method in LAYERWISE_METHODS
+
+    @property
+    def low_rank(self) -> bool:
+        return self.method in ("owlore", "galore")
+
+    @property
+    def prob_mode(self) -> str:
+        return self.lisa_prob_mode or ("owl" if self.method == "owlore" else "uniform")
 
     def validate(self) -> None:
         """Checks that need no file access; raises UserInputError naming the flag."""
@@ -77,7 +111,20 @@ class TrainConfig:
                 raise UserInputError(f"--{name} is required")
         if self.bf16 and self.fp32:
             raise UserInputError("--bf16 and --fp32 contradict each other; give one")
+        if self.galore and self.method == "lisa":
+            self.method = "owlore"  # the reference spells OwLore as LISA + --galore
         _check_choice("method", self.method, METHODS)
+        if self.lisa_prob_mode is not None:
+            _check_choice("lisa_prob_mode", self.lisa_prob_mode, PROB_MODES)
+        _check_choice("inactive_state", self.inactive_state, ("free", "offload"))
+        _check_choice("galore_proj_type", self.galore_proj_type, ("std", "reverse_std", "left", "right"))
+        _check_choice("galore_svd", self.galore_svd, ("exact", "randomized"))
+        for name in ("lisa_activated_layers", "lisa_interval_steps", "owl_nsamples", "galore_rank",
+                     "galore_update_proj_gap"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.outlier_ratios is not None and not os.path.isfile(self.outlier_ratios):
+            raise UserInputError(f"--outlier_ratios {self.outlier_ratios}: file not found")
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _check_choice("report_to", self.report_to, REPORT_TO)
         for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps"):
@@ -115,6 +162,8 @@ RUN_IDENTITY_FIELDS = (
     "model_name_or_path", "dataset_path", "block_size", "no_shuffle", "method",
     "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
     "lr_scheduler_type", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed", "bf16",
+    "lisa_activated_layers", "lisa_interval_steps", "lisa_prob_mode", "freeze_embeddings", "inactive_state",
+    "galore_rank", "galore_update_proj_gap", "galore_scale", "galore_proj_type", "galore_svd",
 )
 
 

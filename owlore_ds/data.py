@@ -381,3 +381,20 @@ class GlobalBatches:
     def micro_rows(rows: torch.Tensor, micro_step: int, rank: int, world: int, micro_batch: int) -> torch.Tensor:
         start = (micro_step * world + rank) * micro_batch
         return rows[start : start + micro_batch]
+
+
+def calibration_windows(data: TokenizedData, nsamples: int, seqlen: int, seed: int, sequential: bool) -> torch.Tensor:
+    """[nsamples, seqlen] token windows from the dataset's real tokens (padding removed).
+
+    Random windows (seeded) as OWL draws them from C4, or with `sequential` the first
+    `nsamples` consecutive windows in file order.
+    """
+    stream = data.input_ids[data.attention_mask.bool()]
+    if stream.numel() < seqlen:
+        raise UserInputError(f"the calibration data has {stream.numel()} tokens, fewer than one window of {seqlen}")
+    if sequential:
+        count = min(nsamples, stream.numel() // seqlen)
+        return stream[: count * seqlen].view(count, seqlen)
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])

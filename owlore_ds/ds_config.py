@@ -102,6 +102,23 @@ def fill(raw: dict[str, Any], cfg: TrainConfig, world_size: int, hidden_size: in
     return config
 
 
+def for_layerwise(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """The engine config under the layerwise optimizer, which does ZeRO-1/2's work itself.
+
+    DeepSpeed then runs as plain data parallel (stage 0, weights already in their
+    training dtype, no clipping of its own); the trainer also turns off its gradient
+    all-reduce, since the optimizer reduces each gradient to the rank that owns it.
+    """
+    if zero_stage(config) == 3:
+        raise UserInputError(f"{source}: ZeRO stage 3 is not supported yet by the layer-sampled methods; "
+                             "use ds_configs/zero2.json")
+    config = copy.deepcopy(config)
+    config["zero_optimization"] = {"stage": 0}
+    config["bf16"] = {"enabled": False}
+    config["gradient_clipping"] = 0.0
+    return config
+
+
 def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 

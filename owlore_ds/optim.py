@@ -6,12 +6,28 @@ import torch
 from transformers import get_scheduler
 
 from owlore_ds.config import TrainConfig
+from owlore_ds.layer_sampling import split_parameters
+from owlore_ds.layerwise import GaloreSettings, LayerwiseOptimizer
+
+
+def _adam_kwargs(cfg: TrainConfig) -> dict:
+    return dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                weight_decay=cfg.weight_decay)
+
+
+def build_layerwise_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> LayerwiseOptimizer:
+    layers, always = split_parameters(model, cfg.freeze_embeddings)
+    settings = GaloreSettings(cfg.galore_rank, cfg.galore_update_proj_gap, cfg.galore_scale, cfg.galore_proj_type,
+                              cfg.galore_svd) if cfg.low_rank else None
+    return LayerwiseOptimizer(layers, always, max_grad_norm=cfg.max_grad_norm, inactive_state=cfg.inactive_state,
+                              galore_settings=settings, **_adam_kwargs(cfg))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload: bool) -> torch.optim.Optimizer:
+    if cfg.layerwise:
+        return build_layerwise_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                  weight_decay=cfg.weight_decay)
+    kwargs = _adam_kwargs(cfg)
     if offload:
         # ZeRO-Offload steps on the host; DeepSpeed requires its vectorized CPU Adam there.
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -35,6 +51,8 @@ def held_state_bytes(optimizer, model: torch.nn.Module, device_type: str) -> tup
     Counts moments and any master copies of the weights (the flat fp32 partitions of
     a ZeRO optimizer), each storage once. `optimizer` may be a DeepSpeed wrapper.
     """
+    if hasattr(optimizer, "state_bytes"):  # the layerwise optimizer reports what it holds itself
+        return optimizer.state_bytes()
     inner = getattr(optimizer, "optimizer", optimizer)
     model_storages = {_storage(p) for p in model.parameters() if p.numel() > 0}
     for p in model.parameters():  # ZeRO-3 keeps each rank's shard in ds_tensor

@@ -18,6 +18,7 @@ import torch
 from owlore_ds import checkpoint, distributed as dist, ds_config, metrics
 from owlore_ds.config import TrainConfig
 from owlore_ds.data import GlobalBatches, TokenizedData, load_training_data
+from owlore_ds.layer_sampling import ActiveLayers, outlier_ratios
 from owlore_ds.modeling import causal_lm_loss_sum, check_block_size, load_model, load_tokenizer, read_model_config
 from owlore_ds.optim import build_optimizer, build_scheduler, held_state_bytes
 
@@ -51,6 +52,8 @@ class Trainer:
         self.resume_state = checkpoint.read_trainer_state(self.resume_path) if self.resume_path else None
         if self.resume_state and checkpoint.needs_universal(self.resume_state, self.world):
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        if cfg.layerwise:
+            self.ds_config = ds_config.for_layerwise(self.ds_config, cfg.deepspeed or "the default DeepSpeed config")
 
         deepspeed.runtime.utils.set_random_seed(cfg.seed)
         # Under ZeRO-3 this makes from_pretrained partition the weights as they load.
@@ -58,15 +61,27 @@ class Trainer:
 
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         model = load_model(cfg.model_name_or_path, cfg.precision, cfg.gradient_checkpointing)
+        ratios = None
+        if cfg.layerwise and cfg.method != "galore" and cfg.prob_mode in ("owl", "owl_reverse"):
+            ratios = outlier_ratios(cfg, model, self.data)
         optimizer = build_optimizer(model, cfg, offload=ds_config.offloads_optimizer(self.ds_config))
         scheduler = build_scheduler(optimizer, cfg, self.total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.active_layers: Optional[ActiveLayers] = None
+        if cfg.layerwise:
+            self.engine.enable_backward_allreduce = False  # the layerwise optimizer reduces to owners
+            self.active_layers = ActiveLayers(cfg, optimizer, ratios)
         self.step = 0
         if self.resume_path:
             checkpoint.load(self.engine, self.resume_path, self.resume_state, self.world)
+            if self.active_layers:
+                self.active_layers.restore(self.resume_state["layerwise"],
+                                           checkpoint.load_rank_states(self.resume_path, self.resume_state))
             self.step = int(self.resume_state["global_step"])
             log.info("resumed from %s at step %d", self.resume_path, self.step)
+        log.info("%d rank(s), global batch %d, %d steps, method %s, ZeRO stage %d", self.world, self.global_batch,
+                 self.total_steps, cfg.method, ds_config.zero_stage(self.ds_config))
 
     # ------------------------------------------------------------------ one step
 
@@ -78,6 +93,8 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
         start = time.perf_counter()
+        if self.active_layers:
+            self.active_layers.before_step(self.step)
         rows = self.batches.rows(self.step)
         targets = self.data.target_count(rows)
         # DeepSpeed divides by the accumulation steps and averages over ranks; undo both
@@ -94,7 +111,7 @@ class Trainer:
             self.engine.step()
             loss_sum += micro_loss.item()
         self.step += 1
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.optimizer.global_grad_norm if self.active_layers else self.engine.get_global_grad_norm()
         on_device, offloaded = held_state_bytes(self.optimizer, self.engine.module, self.device_type)
         (total_loss,) = dist.all_reduce([loss_sum])
         peak, state_bytes, offloaded = dist.all_reduce([metrics.peak_memory_bytes(), on_device, offloaded], op="max")
@@ -108,18 +125,25 @@ class Trainer:
         }
         if offloaded:
             record["offloaded_state_bytes"] = int(offloaded)
+        if self.active_layers:
+            record["active_layers"] = list(self.optimizer.active)
         return record
 
     # ------------------------------------------------------------------ loop
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"global_step": self.step, "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
-                "world_size": self.world, "zero_stage": ds_config.zero_stage(self.ds_config),
-                "precision": self.cfg.precision, "total_steps": self.total_steps,
-                "run_identity": checkpoint.run_identity(self.cfg, self.global_batch)}
+        state = {"global_step": self.step, "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
+                 "world_size": self.world, "zero_stage": ds_config.zero_stage(self.ds_config),
+                 "precision": self.cfg.precision, "total_steps": self.total_steps,
+                 "run_identity": checkpoint.run_identity(self.cfg, self.global_batch)}
+        if self.active_layers:
+            state["layerwise"] = self.active_layers.state()
+        return state
 
     def save(self) -> str:
-        return checkpoint.save(self.engine, self.step, self.cfg, self.trainer_state(), self.model_config, self.tokenizer)
+        rank_state = self.optimizer.rank_state() if self.active_layers else None
+        return checkpoint.save(self.engine, self.step, self.cfg, self.trainer_state(), self.model_config,
+                               self.tokenizer, rank_state)
 
     def train(self) -> Optional[str]:
         """Trains to the end; returns the path of the exported Hugging Face folder."""
