@@ -89,6 +89,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.rank, self.world = _world()
         self.active: list[int] = []
         self.owners: dict[str, int] = {}  # layer tensor name -> owning rank (sticky while it stays active)
+        self.parked: dict[str, int] = {}  # inactive tensor name -> rank holding its offloaded state
         self.item_state: dict[str, dict[str, Any]] = {}  # this rank's state of its owned items
         self.offloaded: dict[str, dict[str, Any]] = {}  # state of items of inactive layers, on CPU
         self.global_grad_norm: Optional[float] = None
@@ -127,21 +128,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             load[owner] += sizes[name]
 
     def set_active_layers(self, active: list[int]) -> None:
-        """Switches the trained layers at an optimizer-step boundary."""
-        leaving = set(self.active) - set(active)
-        for index in sorted(leaving):
+        """Switches the trained layers at an optimizer-step boundary (collective-free, same on every rank)."""
+        for index in sorted(set(self.active) - set(active)):
             for name, p in self.layers[index]:
                 p.requires_grad_(False)
                 p.grad = None
+                owner = self.owners.pop(name)
                 state = self.item_state.pop(name, None)
-                if state is not None and self.inactive_state == "offload":
-                    self.offloaded[name] = _to_device(state, torch.device("cpu"))
-                self.owners.pop(name)
+                if self.inactive_state == "offload":
+                    self.parked[name] = owner
+                    if state is not None:
+                        self.offloaded[name] = _to_device(state, torch.device("cpu"))
         sizes = {name: p.numel() for index in active for name, p in self.layers[index]}
         arriving = [name for index in sorted(set(active) - set(self.active)) for name, _ in self.layers[index]]
-        # An offloaded item returns to the rank that holds its state.
-        returning = {n: s["owner"] for n, s in self.offloaded.items() if n in sizes and "owner" in s}
-        self.owners.update(returning)
+        for name in arriving:  # an offloaded item returns to the rank that holds its state
+            if name in self.parked:
+                self.owners[name] = self.parked.pop(name)
         self._assign_owners([n for n in arriving if n not in self.owners], sizes)
         for index in active:
             for name, p in self.layers[index]:
@@ -179,7 +181,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return 1.0
 
     def _new_state(self, item: _Item) -> dict[str, Any]:
-        state: dict[str, Any] = {"owner": self.rank, "step": 0}
+        state: dict[str, Any] = {"step": 0}
         if item.param.dtype != torch.float32:
             state["master"] = _flat(item.param.detach())[item.lo : item.hi].float().clone()
         return state
@@ -241,7 +243,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def global_state(self) -> dict[str, Any]:
         """What every rank agrees on; stored in the checkpoint's trainer state."""
-        return {"active_layers": self.active, "owners": dict(sorted(self.owners.items())), "world_size": self.world}
+        return {"active_layers": self.active, "owners": dict(sorted(self.owners.items())),
+                "parked": dict(sorted(self.parked.items())), "world_size": self.world}
 
     def rank_state(self) -> dict[str, Any]:
         """This rank's tensors (plain tensors and ints, loadable with weights_only=True)."""
@@ -254,34 +257,35 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         planned anew and each item's state is found by name; the flat chunks of
         always-trained tensors are joined and cut again for the new ranks.
         """
-        self.active = []
-        self.owners = dict(global_state["owners"]) if global_state["world_size"] == self.world else {}
-        self.item_state, self.offloaded = {}, {}
-        if global_state["world_size"] == self.world:
-            self.set_active_layers(global_state["active_layers"])
+        same_world = global_state["world_size"] == self.world
+        self.active, self.item_state, self.offloaded = [], {}, {}
+        self.owners = dict(global_state["owners"]) if same_world else {}
+        self.parked = {}
+        self.set_active_layers(global_state["active_layers"])
+        if same_world:
             mine = rank_states[self.rank]
             self.item_state = {k: _to_device(v, self._device_of(k)) for k, v in mine["items"].items()}
             self.offloaded = dict(mine["offloaded"])
+            self.parked = dict(global_state["parked"])
             return
-        self.set_active_layers(global_state["active_layers"])
         whole = {k: v for s in rank_states for k, v in s["items"].items() if "@" not in k}
         for item in self._layer_items():
             if item.owner == self.rank and item.key in whole:
-                self.item_state[item.key] = _to_device({**whole[item.key], "owner": self.rank}, item.param.device)
+                self.item_state[item.key] = _to_device(whole[item.key], item.param.device)
         for item in self._always_items:
             joined = self._join_chunks(item.name, rank_states)
             if item.owner == self.rank and joined:
                 self.item_state[item.key] = {
                     k: (v[item.lo : item.hi].clone().to(item.param.device) if torch.is_tensor(v) else v)
-                    for k, v in joined.items()} | {"owner": self.rank}
+                    for k, v in joined.items()}
+        # Offloaded state goes to new ranks by the same greedy plan, after the active items.
         offloaded = {k: v for s in rank_states for k, v in s["offloaded"].items()}
         sizes = {name: p.numel() for layer in self.layers for name, p in layer}
-        planned = dict(self.owners)
+        active_owners = dict(self.owners)
         self._assign_owners(sorted(offloaded), sizes)
-        for name, state in offloaded.items():
-            if self.owners[name] == self.rank:
-                self.offloaded[name] = {**state, "owner": self.rank}
-        self.owners = planned
+        self.parked = {name: self.owners[name] for name in offloaded}
+        self.offloaded = {name: state for name, state in offloaded.items() if self.parked[name] == self.rank}
+        self.owners = active_owners
 
     def _device_of(self, key: str) -> torch.device:
         name = key.split("@")[0]
