@@ -50,7 +50,8 @@ def split_parameters(model: torch.nn.Module, freeze_embeddings: bool) -> tuple[l
 def outlier_ratios(cfg: TrainConfig, model: torch.nn.Module, data: TokenizedData) -> list[float]:
     """The OWL ratios for this model: from --outlier_ratios, OUT's cache, or computed now (rank 0) and cached."""
     path = cfg.outlier_ratios or os.path.join(cfg.output_dir, RATIOS_FILE)
-    if cfg.outlier_ratios is None and not os.path.isfile(path):
+    # Rank 0 decides: another rank could see the file appear while rank 0 writes it.
+    if dist.broadcast_object(cfg.outlier_ratios is None and not os.path.isfile(path)):
         if dist.is_main():
             seqlen = cfg.owl_seqlen or cfg.block_size
             windows = calibration_windows(data, cfg.owl_nsamples, seqlen, cfg.seed, sequential=False)
