@@ -84,6 +84,8 @@ class TrainConfig:
     galore_scale: float = 1.0
     galore_proj_type: str = field(default="std", metadata={"help": "std, reverse_std, left or right"})
     galore_svd: str = field(default="exact", metadata={"help": "exact or randomized (Halko) projector refresh"})
+    galore_svd_signs: str = field(default="canonical", metadata={
+        "help": "canonical (reproducible across ranks and hardware) or lapack (galore-torch's arbitrary signs)"})
 
     # Set by the deepspeed launcher; accepted and ignored (LOCAL_RANK in the environment is used).
     local_rank: int = -1
@@ -119,6 +121,7 @@ class TrainConfig:
         _check_choice("inactive_state", self.inactive_state, ("free", "offload"))
         _check_choice("galore_proj_type", self.galore_proj_type, ("std", "reverse_std", "left", "right"))
         _check_choice("galore_svd", self.galore_svd, ("exact", "randomized"))
+        _check_choice("galore_svd_signs", self.galore_svd_signs, ("canonical", "lapack"))
         for name in ("lisa_activated_layers", "lisa_interval_steps", "owl_nsamples", "galore_rank",
                      "galore_update_proj_gap"):
             if getattr(self, name) < 1:
@@ -164,6 +167,7 @@ RUN_IDENTITY_FIELDS = (
     "lr_scheduler_type", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed", "bf16",
     "lisa_activated_layers", "lisa_interval_steps", "lisa_prob_mode", "freeze_embeddings", "inactive_state",
     "galore_rank", "galore_update_proj_gap", "galore_scale", "galore_proj_type", "galore_svd",
+    "galore_svd_signs",
 )
 
 

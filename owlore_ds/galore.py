@@ -101,12 +101,30 @@ def _top_singular_vectors(
     return (vh[:rank, :] if side == "right" else u[:, :rank]).clone()
 
 
+def _canonical_signs(projector: Tensor, side: str) -> Tensor:
+    """Flips each singular vector so that its largest-magnitude entry is positive.
+
+    An SVD fixes singular vectors only up to sign, and LAPACK's choice flips with
+    rounding-level changes of the input (another reduction order, another GPU).
+    GaLore keeps its moments unrotated when the projector is refreshed, so a flipped
+    vector flips the sign of that coordinate's old moment: without a canonical sign,
+    the update after a refresh depends on arbitrary signs, not on the gradient.
+    """
+    vectors = projector if side == "right" else projector.mT  # one vector per row
+    index = vectors.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(vectors.gather(1, index))
+    signs[signs == 0] = 1
+    vectors = vectors * signs
+    return vectors if side == "right" else vectors.mT.contiguous()
+
+
 def compute_projector(
     grad: Tensor,
     rank: int,
     proj_type: str,
     svd: str = "exact",
     generator: torch.Generator | None = None,
+    canonical_signs: bool = False,
 ) -> Tensor:
     """Orthonormal projector from the top-``rank`` singular vectors of ``grad``.
 
@@ -118,6 +136,9 @@ def compute_projector(
     ``svd="randomized"`` draws its Gaussian test matrix from ``generator``
     (a CPU generator seeded with 0 when None, so the global RNG is untouched
     and the result is reproducible).
+
+    ``canonical_signs`` fixes the sign of every singular vector (see
+    `_canonical_signs`); off, the signs are LAPACK's, as in galore-torch.
     """
     if grad.dim() != 2:
         raise ValueError(f"GaLore needs a 2-D gradient, got shape {tuple(grad.shape)}")
@@ -147,6 +168,8 @@ def compute_projector(
             errors.append(f"{dtype}: {exc}")
             continue
         if torch.isfinite(proj).all():
+            if canonical_signs:
+                proj = _canonical_signs(proj, side)
             return proj.to(grad.dtype)
         errors.append(f"{dtype}: non-finite singular vectors")
     raise ProjectorError(
@@ -197,6 +220,7 @@ def galore_adamw_step(
     proj_type: str,
     svd: str = "exact",
     generator: torch.Generator | None = None,
+    canonical_signs: bool = False,
 ) -> None:
     """One GaLore-AdamW step on ``param`` in place, as galore_torch.GaLoreAdamW 1.0.
 
@@ -219,7 +243,7 @@ def galore_adamw_step(
         if svd == "randomized" and generator is None:
             generator = torch.Generator().manual_seed(step)
         try:
-            projector = compute_projector(grad, rank, proj_type, svd, generator)
+            projector = compute_projector(grad, rank, proj_type, svd, generator, canonical_signs)
         except ProjectorError as exc:
             if projector is None:
                 raise

@@ -43,6 +43,7 @@ class GaloreSettings:
     scale: float
     proj_type: str
     svd: str = "exact"
+    canonical_signs: bool = True
 
 
 @dataclass
@@ -213,7 +214,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 weight.view(item.param.shape), grad.view(item.param.shape), state, lr=group["lr"],
                 betas=(beta1, beta2), eps=group["eps"], weight_decay=group["weight_decay"], rank=settings.rank,
                 update_proj_gap=settings.update_proj_gap, scale=settings.scale, proj_type=settings.proj_type,
-                svd=settings.svd)
+                svd=settings.svd, canonical_signs=settings.canonical_signs)
         else:
             self._adamw(weight, grad, state, group)
         if "master" in state:

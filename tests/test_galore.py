@@ -256,3 +256,21 @@ def test_state_bytes_model(shape, rank, proj_type):
     galore_adamw_step(torch.zeros(shape, dtype=torch.bfloat16), torch.randn(shape), half,
                       rank=rank, proj_type=proj_type, **HP, **GALORE)
     assert state_bytes(half) == optimizer_state_bytes_for_shape(shape, rank, proj_type, 2)
+
+
+@pytest.mark.parametrize("shape,proj_type", [((48, 32), "std"), ((32, 48), "std"), ((40, 40), "left")])
+def test_canonical_signs_are_stable_under_sign_flips(shape, proj_type):
+    """LAPACK may return -v for v; the canonical projector is the same either way."""
+    from owlore_ds.galore import _canonical_signs, _side
+
+    torch.manual_seed(3)
+    grad = torch.randn(shape)
+    projector = compute_projector(grad, 6, proj_type, canonical_signs=True)
+    side = _side(shape, proj_type)
+    vectors = projector if side == "right" else projector.mT
+    assert (vectors.gather(1, vectors.abs().argmax(1, keepdim=True)) > 0).all()
+    flips = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
+    flipped = projector * (flips[:, None] if side == "right" else flips[None, :])
+    torch.testing.assert_close(_canonical_signs(flipped, side), projector)
+    raw = compute_projector(grad, 6, proj_type)
+    torch.testing.assert_close(raw.abs(), projector.abs())  # the same vectors, signs aside
