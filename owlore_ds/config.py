@@ -78,6 +78,8 @@ class TrainConfig:
     freeze_embeddings: bool = field(default=False, metadata={"help": "do not train embeddings and lm_head"})
     inactive_state: str = field(default="free", metadata={
         "help": "state of layers that leave the active set: free or offload (kept on CPU)"})
+    master_weights: str = field(default="fp32", metadata={
+        "help": "with --bf16 in lisa/owlore/galore: fp32 master copies of trained weights, or none (bf16 only)"})
     galore: bool = field(default=False, metadata={"help": "with --method lisa: the reference's switch for owlore"})
     galore_rank: int = 256
     galore_update_proj_gap: int = 100
@@ -122,6 +124,7 @@ class TrainConfig:
         _check_choice("galore_proj_type", self.galore_proj_type, ("std", "reverse_std", "left", "right"))
         _check_choice("galore_svd", self.galore_svd, ("exact", "randomized"))
         _check_choice("galore_svd_signs", self.galore_svd_signs, ("canonical", "lapack"))
+        _check_choice("master_weights", self.master_weights, ("fp32", "none"))
         for name in ("lisa_activated_layers", "lisa_interval_steps", "owl_nsamples", "galore_rank",
                      "galore_update_proj_gap"):
             if getattr(self, name) < 1:
@@ -167,7 +170,7 @@ RUN_IDENTITY_FIELDS = (
     "lr_scheduler_type", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed", "bf16",
     "lisa_activated_layers", "lisa_interval_steps", "lisa_prob_mode", "freeze_embeddings", "inactive_state",
     "galore_rank", "galore_update_proj_gap", "galore_scale", "galore_proj_type", "galore_svd",
-    "galore_svd_signs",
+    "galore_svd_signs", "master_weights",
 )
 
 

@@ -78,7 +78,8 @@ def _to_device(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class LayerwiseOptimizer(torch.optim.Optimizer):
     def __init__(self, layers: list[list[tuple[str, torch.nn.Parameter]]], always: list[tuple[str, torch.nn.Parameter]],
                  *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, max_grad_norm: float,
-                 inactive_state: str = "free", galore_settings: Optional[GaloreSettings] = None):
+                 inactive_state: str = "free", galore_settings: Optional[GaloreSettings] = None,
+                 master_weights: bool = True):
         if inactive_state not in INACTIVE_POLICIES:
             raise ValueError(f"inactive_state must be one of {INACTIVE_POLICIES}, got {inactive_state!r}")
         params = [p for layer in layers for _, p in layer] + [p for _, p in always]
@@ -87,6 +88,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.inactive_state = inactive_state
         self.galore_settings = galore_settings
+        self.master_weights = master_weights
         self.rank, self.world = _world()
         self.active: list[int] = []
         self.owners: dict[str, int] = {}  # layer tensor name -> owning rank (sticky while it stays active)
@@ -183,7 +185,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _new_state(self, item: _Item) -> dict[str, Any]:
         state: dict[str, Any] = {"step": 0}
-        if item.param.dtype != torch.float32:
+        if item.param.dtype != torch.float32 and self.master_weights:
             state["master"] = _flat(item.param.detach())[item.lo : item.hi].float().clone()
         return state
 
@@ -204,9 +206,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _update(self, item: _Item, grad: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.item_state.setdefault(item.key, self._new_state(item))
-        weight = state.get("master")
-        if weight is None:
-            weight = _flat(item.param.data)[item.lo : item.hi]
+        weights = _flat(item.param.data)[item.lo : item.hi]
+        # Without a master copy, bf16 weights are updated in fp32 and rounded back.
+        weight = state.get("master", weights if weights.dtype == torch.float32 else weights.float())
         if item.low_rank:
             settings = self.galore_settings
             beta1, beta2 = group["betas"]
@@ -217,8 +219,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 svd=settings.svd, canonical_signs=settings.canonical_signs)
         else:
             self._adamw(weight, grad, state, group)
-        if "master" in state:
-            _flat(item.param.data)[item.lo : item.hi].copy_(state["master"])
+        if weight.data_ptr() != weights.data_ptr():
+            weights.copy_(weight)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:

@@ -20,7 +20,8 @@ def build_layerwise_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Layer
     settings = GaloreSettings(cfg.galore_rank, cfg.galore_update_proj_gap, cfg.galore_scale, cfg.galore_proj_type,
                               cfg.galore_svd, cfg.galore_svd_signs == "canonical") if cfg.low_rank else None
     return LayerwiseOptimizer(layers, always, max_grad_norm=cfg.max_grad_norm, inactive_state=cfg.inactive_state,
-                              galore_settings=settings, **_adam_kwargs(cfg))
+                              galore_settings=settings, master_weights=cfg.master_weights == "fp32",
+                              **_adam_kwargs(cfg))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload: bool) -> torch.optim.Optimizer:

@@ -109,29 +109,33 @@ def test_killed_and_resumed_owlore_equals_straight_run(tmp_path, make_tiny_model
     assert any("projector" in s for s in state["items"].values())
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_owlore_optimizer_bytes_follow_from_shapes(tmp_path, make_tiny_model, task_data, nproc):
+@pytest.mark.parametrize("nproc,master_weights", [(1, "fp32"), (2, "fp32"), (1, "none")])
+def test_owlore_optimizer_bytes_follow_from_shapes(tmp_path, make_tiny_model, task_data, nproc, master_weights):
     """bf16 weights: GaLore state (moments r x n, projector) + fp32 master per active 2-D matrix,
-    AdamW state + master for the rest of active layers, chunks of the always-trained tensors."""
+    AdamW state + master for the rest of active layers, chunks of the always-trained tensors;
+    --master_weights none drops the 4-byte masters."""
     from transformers import AutoModelForCausalLM
 
     model_dir = make_tiny_model("llama", num_layers=4)
     out = tmp_path / "out"
     run_training(common_args(model_dir, task_data, out, method="owlore", deepspeed=ZERO2, bf16=True,
                              lisa_activated_layers=1, lisa_interval_steps=1, max_steps=8, owl_nsamples=4,
-                             per_device_train_batch_size=4 // nproc, **GALORE), nproc=nproc)
+                             per_device_train_batch_size=4 // nproc, master_weights=master_weights, **GALORE),
+                 nproc=nproc)
     metrics = read_metrics(out)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     layer = model.model.layers[0]
     matrices = [p for p in layer.parameters() if p.dim() == 2]
     vectors = [p for p in layer.parameters() if p.dim() != 2]
     always = sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n)
-    galore_bytes = sum(optimizer_state_bytes_for_shape(tuple(p.shape), GALORE["galore_rank"], "std") + 4 * p.numel()
+    master = 4 if master_weights == "fp32" else 0
+    galore_bytes = sum(optimizer_state_bytes_for_shape(tuple(p.shape), GALORE["galore_rank"], "std") + master * p.numel()
                        for p in matrices)
-    adam_bytes = 12 * sum(p.numel() for p in vectors)
-    expected_one_rank = galore_bytes + adam_bytes + 12 * always
+    adam_bytes = (8 + master) * sum(p.numel() for p in vectors)
+    expected_one_rank = galore_bytes + adam_bytes + (8 + master) * always
     observed = {m["optimizer_state_bytes"] for m in metrics}
     assert len({tuple(m["active_layers"]) for m in metrics}) > 1 and len(observed) == 1  # flat as layers change
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
     if nproc == 1:
         assert observed.pop() == expected_one_rank
     else:
