@@ -10,9 +10,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -81,12 +83,30 @@ def run_training(args: list[str], nproc: int = 1, launcher: Optional[str] = None
     return result
 
 
-def start_training(args: list[str], nproc: int) -> tuple[subprocess.Popen, int]:
-    """Starts a torchrun job in its own process group, so a test can SIGKILL all of it."""
+def straight_and_killed_runs(model: Path, data: Path, tmp_path: Path, nproc: int = 2, kill_after: int = 10,
+                             **overrides) -> tuple[Path, Path]:
+    """A straight run, and the same command SIGKILLed once checkpoint-`kill_after` exists and then
+    run again (it resumes with --resume_from_checkpoint auto). Returns both output dirs."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_training(common_args(model, data, straight, **overrides), nproc=nproc)
     port = free_port()
-    proc = subprocess.Popen(launch_command("torchrun", nproc, port, args), env=base_env(port), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    return proc, port
+    command = launch_command("torchrun", nproc, port, common_args(model, data, resumed, **overrides))
+    # Its own process group, so that the launcher and every rank die together.
+    proc = subprocess.Popen(command, env=base_env(port), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (resumed / f"checkpoint-{kill_after}").exists():
+            assert proc.poll() is None, "training ended before the checkpoint appeared"
+            assert time.time() < deadline, "the checkpoint did not appear"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _remove_shm_buffers(port)
+    assert not (resumed / "final").exists(), "the run finished before it was killed"
+    run_training(common_args(model, data, resumed, **overrides), nproc=nproc)
+    return straight, resumed
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

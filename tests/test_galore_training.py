@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 
 import pytest
 import torch
 
 from conftest import (ROOT, assert_same_weights, common_args, final_weights, read_metrics, run_training,
-                      start_training)
+                      straight_and_killed_runs)
 from owlore_ds.galore import optimizer_state_bytes_for_shape
-from test_training import _wait_for
 
 ZERO2 = ROOT / "ds_configs" / "zero2.json"
 GALORE = dict(galore_rank=8, galore_update_proj_gap=3, galore_scale=0.5)
@@ -87,20 +84,11 @@ def test_two_ranks_match_one_rank(tmp_path, make_tiny_model, task_data, method):
 
 
 def test_killed_and_resumed_owlore_equals_straight_run(tmp_path, make_tiny_model, task_data):
-    model = make_tiny_model("llama", num_layers=4)
-    args = dict(method="owlore", deepspeed=ZERO2, lisa_activated_layers=2, lisa_interval_steps=4, bf16=True,
-                inactive_state="offload", per_device_train_batch_size=2, max_steps=30, save_steps=5,
-                resume_from_checkpoint="auto", learning_rate=1e-3, owl_nsamples=4, **GALORE)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_training(common_args(model, task_data, straight, **args), nproc=2)
-    proc, _ = start_training(common_args(model, task_data, resumed, **args), nproc=2)
-    try:
-        _wait_for(resumed / "checkpoint-10", proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not (resumed / "final").exists(), "the run finished before it was killed"
-    run_training(common_args(model, task_data, resumed, **args), nproc=2)
+    straight, resumed = straight_and_killed_runs(
+        make_tiny_model("llama", num_layers=4), task_data, tmp_path, method="owlore", deepspeed=ZERO2,
+        lisa_activated_layers=2, lisa_interval_steps=4, bf16=True, inactive_state="offload",
+        per_device_train_batch_size=2, max_steps=30, save_steps=5, resume_from_checkpoint="auto",
+        learning_rate=1e-3, owl_nsamples=4, **GALORE)
     a, b = read_metrics(straight), read_metrics(resumed)
     assert [m["active_layers"] for m in b] == [m["active_layers"] for m in a]
     assert [m["loss"] for m in b] == [m["loss"] for m in a]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -12,9 +10,8 @@ import pytest
 import torch
 
 from conftest import (ROOT, assert_same_weights, base_env, common_args, final_weights, read_metrics, run_training,
-                      start_training)
+                      straight_and_killed_runs)
 from owlore_ds.sampler import LayerSampler, layer_probabilities
-from test_training import _wait_for
 
 ZERO2 = ROOT / "ds_configs" / "zero2.json"
 
@@ -102,20 +99,10 @@ def test_offload_keeps_inactive_state_on_cpu(tmp_path, four_layers, task_data):
 
 
 def test_killed_and_resumed_lisa_equals_straight_run(tmp_path, four_layers, task_data):
-    args = dict(deepspeed=ZERO2, method="lisa", lisa_activated_layers=2, lisa_interval_steps=3, bf16=True,
-                inactive_state="offload", per_device_train_batch_size=2, max_steps=30, save_steps=5,
-                resume_from_checkpoint="auto", learning_rate=1e-3)
-    straight = tmp_path / "straight"
-    run_training(common_args(four_layers, task_data, straight, **args), nproc=2)
-    resumed = tmp_path / "resumed"
-    proc, _ = start_training(common_args(four_layers, task_data, resumed, **args), nproc=2)
-    try:
-        _wait_for(resumed / "checkpoint-10", proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not (resumed / "final").exists(), "the run finished before it was killed"
-    run_training(common_args(four_layers, task_data, resumed, **args), nproc=2)
+    straight, resumed = straight_and_killed_runs(
+        four_layers, task_data, tmp_path, deepspeed=ZERO2, method="lisa", lisa_activated_layers=2,
+        lisa_interval_steps=3, bf16=True, inactive_state="offload", per_device_train_batch_size=2, max_steps=30,
+        save_steps=5, resume_from_checkpoint="auto", learning_rate=1e-3)
     a, b = read_metrics(straight), read_metrics(resumed)
     assert [m["step"] for m in b] == list(range(1, 31))
     assert [m["active_layers"] for m in b] == [m["active_layers"] for m in a]

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import (ROOT, assert_same_weights, base_env, common_args, final_weights, read_metrics, run_training,
-                      start_training)
+                      straight_and_killed_runs)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -85,30 +81,10 @@ def test_other_architectures_train_and_export(tmp_path, make_tiny_model, text_co
     assert exported.config.model_type == model_type
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, "training ended before the checkpoint appeared"
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
-
-
 def test_killed_and_resumed_run_equals_straight_run(tmp_path, tiny_llama, task_data):
-    args = dict(deepspeed=ROOT / "ds_configs" / "zero2.json", per_device_train_batch_size=2, max_steps=30,
-                save_steps=5, resume_from_checkpoint="auto", learning_rate=1e-3)
-    straight = tmp_path / "straight"
-    run_training(common_args(tiny_llama, task_data, straight, **args), nproc=2)
-
-    resumed = tmp_path / "resumed"
-    proc, _ = start_training(common_args(tiny_llama, task_data, resumed, **args), nproc=2)
-    try:
-        _wait_for(resumed / "checkpoint-10", proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not (resumed / "final").exists(), "the run finished before it was killed"
-    run_training(common_args(tiny_llama, task_data, resumed, **args), nproc=2)
-
+    straight, resumed = straight_and_killed_runs(
+        tiny_llama, task_data, tmp_path, deepspeed=ROOT / "ds_configs" / "zero2.json", per_device_train_batch_size=2,
+        max_steps=30, save_steps=5, resume_from_checkpoint="auto", learning_rate=1e-3)
     straight_metrics, resumed_metrics = read_metrics(straight), read_metrics(resumed)
     assert [m["step"] for m in resumed_metrics] == list(range(1, 31))
     assert [m["loss"] for m in resumed_metrics] == pytest.approx([m["loss"] for m in straight_metrics], rel=1e-6)
