@@ -165,11 +165,14 @@ def _rank_state_file(path: str, rank: int) -> str:
     return os.path.join(path, f"layerwise_rank{rank}.pt")
 
 
-def load_rank_states(path: str, state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The layerwise optimizer's per-rank files of a checkpoint (plain tensors), every rank's."""
+def load_rank_states(path: str, state: dict[str, Any]) -> list[Optional[dict[str, Any]]]:
+    """The layerwise optimizer's per-rank files of a checkpoint (plain tensors). On the same
+    number of ranks each rank reads its own file only; otherwise every file, memory-mapped."""
+    world = int(state["world_size"])
+    wanted = [dist.rank()] if world == dist.world_size() else range(world)
     try:
-        return [torch.load(_rank_state_file(path, r), map_location="cpu", weights_only=True)
-                for r in range(int(state["world_size"]))]
+        return [torch.load(_rank_state_file(path, r), map_location="cpu", weights_only=True, mmap=True)
+                if r in wanted else None for r in range(world)]
     except Exception as exc:
         raise UserInputError(f"{path}: corrupt checkpoint ({type(exc).__name__} reading the optimizer state)") from None
 

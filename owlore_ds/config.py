@@ -17,6 +17,10 @@ import yaml
 
 from owlore_ds.errors import UserInputError
 
+# The small model the project pre-trains itself (tools/pretrain_embedded.py): the default
+# --model_name_or_path, so everything runs on a machine with no model hub.
+EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shakespeare-llama")
+
 METHODS = ("full", "lisa", "owlore", "galore")
 LAYERWISE_METHODS = ("lisa", "owlore", "galore")
 PROB_MODES = ("uniform", "owl", "owl_reverse", "increase", "decrease")
@@ -27,7 +31,8 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 @dataclass
 class TrainConfig:
     # Model and data
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "local Hugging Face model folder"})
+    model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={
+        "help": "local Hugging Face model folder (default: the embedded models/shakespeare-llama)"})
     dataset_path: Optional[str] = field(default=None, metadata={"help": "LMFlow JSON, .jsonl/.json/.parquet, or a folder"})
     output_dir: Optional[str] = field(default=None, metadata={"help": "where checkpoints, metrics and final/ go"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in an output dir holding another run"})

@@ -164,11 +164,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             p = item.param
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            grad = _flat(p.grad)[item.lo : item.hi]
+            # Reduced in fp32: a bf16 sum over many ranks would drop the small gradients.
+            grad = _flat(p.grad)[item.lo : item.hi].float()
             if self.world > 1:
                 torch_dist.reduce(grad, dst=item.owner)
             if item.owner == self.rank:
-                owned[item.key] = grad.float() / self.world  # the engine's convention: mean over ranks
+                owned[item.key] = grad.div_(self.world)  # the engine's convention: mean over ranks
         return owned
 
     def _clip_coefficient(self, grads: dict[str, torch.Tensor]) -> float:
@@ -205,10 +206,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         weight.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**step))
 
     def _update(self, item: _Item, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        state = self.item_state.setdefault(item.key, self._new_state(item))
+        state = self.item_state.get(item.key)
+        if state is None:
+            state = self.item_state[item.key] = self._new_state(item)
         weights = _flat(item.param.data)[item.lo : item.hi]
-        # Without a master copy, bf16 weights are updated in fp32 and rounded back.
-        weight = state.get("master", weights if weights.dtype == torch.float32 else weights.float())
+        if "master" in state:
+            weight = state["master"]
+        else:  # without a master copy, bf16 weights are updated in fp32 and rounded back
+            weight = weights if weights.dtype == torch.float32 else weights.float()
         if item.low_rank:
             settings = self.galore_settings
             beta1, beta2 = group["betas"]
@@ -228,6 +233,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         items = self.items()
         grads = self._reduce_gradients(items)
         coefficient = self._clip_coefficient(grads)
+        if not math.isfinite(self.global_grad_norm):  # the same value on every rank: all stop together
+            raise RuntimeError(f"the gradient norm is {self.global_grad_norm}; stopping before the weights take it")
         for item in items:
             if item.owner == self.rank:
                 grad = grads.pop(item.key)

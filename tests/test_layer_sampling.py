@@ -160,3 +160,34 @@ def test_owlore_without_ratio_file_computes_and_caches_them(tmp_path, four_layer
                              lisa_activated_layers=2, max_steps=2, per_device_train_batch_size=2), nproc=2)
     cached = json.loads((out / "outlier_ratios.json").read_text())
     assert len(cached["ratios"]) == 4 and cached["seqlen"] == 64 and cached["threshold_m"] == 5.0
+
+
+def test_outlier_ratios_of_the_embedded_pretrained_model(tmp_path):
+    """On a trained model the layers differ in outlier share (a random init is nearly flat);
+    the tool's sequential calibration equals the library on the first windows in file order."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from owlore_ds.config import EMBEDDED_MODEL
+    from owlore_ds.outliers import compute_layer_outlier_ratios
+
+    text = (ROOT / "data" / "pretrain" / "valid.txt").read_text(encoding="utf-8")[:20_000]
+    ids = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(text)["input_ids"]
+    rows = [{"input_ids": ids[i * 64 : (i + 1) * 64]} for i in range(10)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    output = tmp_path / "ratios.json"
+    tool = subprocess.run([sys.executable, str(ROOT / "tools" / "compute_outliers.py"), "--model_name_or_path",
+                           EMBEDDED_MODEL, "--dataset_path", str(data), "--nsamples", "4", "--seqlen", "64",
+                           "--calibration_order", "sequential", "--output", str(output),
+                           "--cache_dir", str(tmp_path / "cache")], env=base_env(), cwd=ROOT, capture_output=True, text=True)
+    assert tool.returncode == 0, tool.stderr[-2000:]
+    ratios = json.loads(output.read_text())["ratios"]
+    windows = torch.tensor([r["input_ids"] for r in rows[:4]])
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, dtype=torch.float32, local_files_only=True)
+    assert ratios == pytest.approx(compute_layer_outlier_ratios(model, windows, 5.0), rel=1e-6)
+    torch.manual_seed(0)
+    untrained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EMBEDDED_MODEL), dtype=torch.float32)
+    flat = compute_layer_outlier_ratios(untrained, windows, 5.0)
+    assert max(ratios) / min(ratios) > max(flat) / min(flat) + 0.5
+    probabilities = layer_probabilities("owl", len(ratios), ratios)
+    assert probabilities.max() > 1.3 / len(ratios)
