@@ -83,6 +83,8 @@ class TrainConfig:
     freeze_embeddings: bool = field(default=False, metadata={"help": "do not train embeddings and lm_head"})
     inactive_state: str = field(default="free", metadata={
         "help": "state of layers that leave the active set: free or offload (kept on CPU)"})
+    galore_spread_refreshes: bool = field(default=False, metadata={
+        "help": "stagger the SVD refreshes of a layer's matrices over the gap (changes when each refreshes)"})
     master_weights: str = field(default="fp32", metadata={
         "help": "with --bf16 in lisa/owlore/galore: fp32 master copies of trained weights, or none (bf16 only)"})
     galore: bool = field(default=False, metadata={"help": "with --method lisa: the reference's switch for owlore"})
@@ -175,7 +177,7 @@ RUN_IDENTITY_FIELDS = (
     "lr_scheduler_type", "warmup_steps", "warmup_ratio", "max_grad_norm", "seed", "bf16",
     "lisa_activated_layers", "lisa_interval_steps", "lisa_prob_mode", "freeze_embeddings", "inactive_state",
     "galore_rank", "galore_update_proj_gap", "galore_scale", "galore_proj_type", "galore_svd",
-    "galore_svd_signs", "master_weights",
+    "galore_svd_signs", "master_weights", "galore_spread_refreshes",
 )
 
 

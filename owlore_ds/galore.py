@@ -221,6 +221,7 @@ def galore_adamw_step(
     svd: str = "exact",
     generator: torch.Generator | None = None,
     canonical_signs: bool = False,
+    refresh_offset: int = 0,
 ) -> None:
     """One GaLore-AdamW step on ``param`` in place, as galore_torch.GaLoreAdamW 1.0.
 
@@ -239,7 +240,9 @@ def galore_adamw_step(
     step = int(state.get("step", 0))
 
     projector = state.get("projector")
-    if projector is None or step % update_proj_gap == 0:
+    # refresh_offset > 0 moves this matrix's refreshes to steps T-offset, 2T-offset, ...
+    # so that not every matrix runs its SVD at the same step (galore-torch: offset 0).
+    if projector is None or (step + refresh_offset) % update_proj_gap == 0:
         if svd == "randomized" and generator is None:
             generator = torch.Generator().manual_seed(step)
         try:

@@ -44,6 +44,7 @@ class GaloreSettings:
     proj_type: str
     svd: str = "exact"
     canonical_signs: bool = True
+    spread_refreshes: bool = False
 
 
 @dataclass
@@ -55,6 +56,7 @@ class _Item:
     hi: int
     owner: int
     low_rank: bool  # GaLore rule (whole 2-D layer matrices when GaLore is on)
+    position: int = 0  # index of the tensor within its layer
 
     @property
     def numel(self) -> int:
@@ -111,9 +113,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _layer_items(self) -> list[_Item]:
         items = []
         for index in self.active:
-            for name, p in self.layers[index]:
+            for position, (name, p) in enumerate(self.layers[index]):
                 low_rank = self.galore_settings is not None and p.dim() == 2
-                items.append(_Item(name, name, p, 0, p.numel(), self.owners[name], low_rank))
+                items.append(_Item(name, name, p, 0, p.numel(), self.owners[name], low_rank, position))
         return items
 
     def items(self) -> list[_Item]:
@@ -221,11 +223,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 weight.view(item.param.shape), grad.view(item.param.shape), state, lr=group["lr"],
                 betas=(beta1, beta2), eps=group["eps"], weight_decay=group["weight_decay"], rank=settings.rank,
                 update_proj_gap=settings.update_proj_gap, scale=settings.scale, proj_type=settings.proj_type,
-                svd=settings.svd, canonical_signs=settings.canonical_signs)
+                svd=settings.svd, canonical_signs=settings.canonical_signs, refresh_offset=self._refresh_offset(item))
         else:
             self._adamw(weight, grad, state, group)
         if weight.data_ptr() != weights.data_ptr():
             weights.copy_(weight)
+
+    def _refresh_offset(self, item: _Item) -> int:
+        """With spread refreshes, the tensors of a layer refresh at evenly staggered steps."""
+        settings = self.galore_settings
+        if not settings.spread_refreshes:
+            return 0
+        count = len(self.layers[0])
+        return (item.position * settings.update_proj_gap) // count
 
     @torch.no_grad()
     def step(self, closure=None) -> None:

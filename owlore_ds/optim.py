@@ -17,8 +17,9 @@ def _adam_kwargs(cfg: TrainConfig) -> dict:
 
 def build_layerwise_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> LayerwiseOptimizer:
     layers, always = split_parameters(model, cfg.freeze_embeddings)
-    settings = GaloreSettings(cfg.galore_rank, cfg.galore_update_proj_gap, cfg.galore_scale, cfg.galore_proj_type,
-                              cfg.galore_svd, cfg.galore_svd_signs == "canonical") if cfg.low_rank else None
+    settings = (GaloreSettings(cfg.galore_rank, cfg.galore_update_proj_gap, cfg.galore_scale, cfg.galore_proj_type,
+                              cfg.galore_svd, cfg.galore_svd_signs == "canonical", cfg.galore_spread_refreshes)
+                if cfg.low_rank else None)
     return LayerwiseOptimizer(layers, always, max_grad_norm=cfg.max_grad_norm, inactive_state=cfg.inactive_state,
                               galore_settings=settings, master_weights=cfg.master_weights == "fp32",
                               **_adam_kwargs(cfg))

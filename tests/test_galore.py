@@ -274,3 +274,20 @@ def test_canonical_signs_are_stable_under_sign_flips(shape, proj_type):
     torch.testing.assert_close(_canonical_signs(flipped, side), projector)
     raw = compute_projector(grad, 6, proj_type)
     torch.testing.assert_close(raw.abs(), projector.abs())  # the same vectors, signs aside
+
+
+def test_refresh_offset_staggers_refreshes():
+    """Offset 0 is galore-torch's schedule (steps 0, T, 2T); offset k moves it to T-k, 2T-k."""
+    torch.manual_seed(0)
+    refreshes = {}
+    for offset in (0, 2):
+        param, state, steps = torch.randn(12, 10), {}, []
+        for step in range(9):
+            before = state.get("proj_step")
+            galore_adamw_step(param, torch.randn(12, 10), state, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=0.0, rank=4, update_proj_gap=4, scale=1.0, proj_type="std",
+                              refresh_offset=offset)
+            if state["proj_step"] != before:
+                steps.append(step)
+        refreshes[offset] = steps
+    assert refreshes == {0: [0, 4, 8], 2: [0, 2, 6]}
