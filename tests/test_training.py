@@ -128,3 +128,14 @@ def test_convert_to_hf_gives_the_trained_models_logits(tmp_path, tiny_llama, tas
         logits = model(input_ids=expected["input_ids"]).logits.float()
     tolerance = 1e-4 if precision == "fp32" else 2e-2
     torch.testing.assert_close(logits, expected["logits"].float(), rtol=0, atol=tolerance)
+
+
+def test_zero3_offload_config_trains(tmp_path, tiny_llama, task_data):
+    """ZeRO-3 with optimizer and parameters offloaded to the host (DeepSpeed's CPU Adam)."""
+    out = tmp_path / "out"
+    run_training(common_args(tiny_llama, task_data, out, deepspeed=ROOT / "ds_configs" / "zero3_offload.json",
+                             per_device_train_batch_size=4, max_steps=6, lr_scheduler_type="constant", warmup_steps=0),
+                 timeout=600)
+    losses = [m["loss"] for m in read_metrics(out)]
+    assert losses[-1] < losses[0]
+    assert (out / "final" / "model.safetensors").is_file()
