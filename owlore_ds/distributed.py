@@ -7,6 +7,7 @@ OMPI_COMM_WORLD_*; we map those. A plain `python launch/train.py` is one rank.
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 from typing import Any
@@ -118,3 +119,11 @@ def all_agree(ok: bool) -> bool:
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    # DeepSpeed's CPU shared-memory all-reduce leaves a 66 MB RAM-backed file per rank and
+    # port in /dev/shm, even after a clean exit; a CPU user running many jobs fills memory.
+    port, rank_id = os.environ.get("MASTER_PORT"), os.environ.get("RANK")
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{rank_id}"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
