@@ -284,7 +284,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.set_active_layers(global_state["active_layers"])
         if same_world:
             mine = rank_states[self.rank]
-            self.item_state = {k: _to_device(v, self._device_of(k)) for k, v in mine["items"].items()}
+            device = self.param_groups[0]["params"][0].device
+            self.item_state = {k: _to_device(v, device) for k, v in mine["items"].items()}
             self.offloaded = dict(mine["offloaded"])
             self.parked = dict(global_state["parked"])
             return
@@ -306,14 +307,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.parked = {name: self.owners[name] for name in offloaded}
         self.offloaded = {name: state for name, state in offloaded.items() if self.parked[name] == self.rank}
         self.owners = active_owners
-
-    def _device_of(self, key: str) -> torch.device:
-        name = key.split("@")[0]
-        for group in self.layers:
-            for n, p in group:
-                if n == name:
-                    return p.device
-        return next(item.param.device for item in self._always_items if item.name == name)
 
     @staticmethod
     def _join_chunks(name: str, rank_states: list[dict[str, Any]]) -> dict[str, Any]:

@@ -47,26 +47,30 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def held_state_bytes(optimizer, model: torch.nn.Module, device_type: str) -> tuple[int, int]:
+def model_storages(model: torch.nn.Module) -> set[int]:
+    """Storages of the model's weights (ZeRO-3 shards included), which the optimizer does not own."""
+    storages = {_storage(p) for p in model.parameters() if p.numel() > 0}
+    storages |= {_storage(p.ds_tensor) for p in model.parameters() if hasattr(p, "ds_tensor")}
+    return storages
+
+
+def held_state_bytes(optimizer, weights: set[int], device_type: str) -> tuple[int, int]:
     """(bytes on the training device, bytes elsewhere) that the optimizer holds beyond the model's weights.
 
     Counts moments and any master copies of the weights (the flat fp32 partitions of
-    a ZeRO optimizer), each storage once. `optimizer` may be a DeepSpeed wrapper.
+    a ZeRO optimizer), each storage once. `optimizer` may be a DeepSpeed wrapper;
+    `weights` comes from `model_storages`, computed once.
     """
     if hasattr(optimizer, "state_bytes"):  # the layerwise optimizer reports what it holds itself
         return optimizer.state_bytes()
     inner = getattr(optimizer, "optimizer", optimizer)
-    model_storages = {_storage(p) for p in model.parameters() if p.numel() > 0}
-    for p in model.parameters():  # ZeRO-3 keeps each rank's shard in ds_tensor
-        if hasattr(p, "ds_tensor"):
-            model_storages.add(_storage(p.ds_tensor))
     seen: set[int] = set()
     on_device = elsewhere = 0
 
     def count(t: torch.Tensor) -> None:
         nonlocal on_device, elsewhere
         key = _storage(t)
-        if t.numel() == 0 or key in seen or key in model_storages:
+        if t.numel() == 0 or key in seen or key in weights:
             return
         seen.add(key)
         size = t.untyped_storage().nbytes()

@@ -20,7 +20,7 @@ from owlore_ds.config import TrainConfig
 from owlore_ds.data import GlobalBatches, TokenizedData, load_training_data
 from owlore_ds.layer_sampling import ActiveLayers, outlier_ratios
 from owlore_ds.modeling import causal_lm_loss_sum, check_block_size, load_model, load_tokenizer, read_model_config
-from owlore_ds.optim import build_optimizer, build_scheduler, held_state_bytes
+from owlore_ds.optim import build_optimizer, build_scheduler, held_state_bytes, model_storages
 
 log = logging.getLogger("owlore_ds")
 
@@ -68,6 +68,7 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg, self.total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.weight_storages = model_storages(self.engine.module)  # excluded from optimizer_state_bytes
         self.active_layers: Optional[ActiveLayers] = None
         if cfg.layerwise:
             self.engine.enable_backward_allreduce = False  # the layerwise optimizer reduces to owners
@@ -112,7 +113,7 @@ class Trainer:
             loss_sum += micro_loss.item()
         self.step += 1
         grad_norm = self.optimizer.global_grad_norm if self.active_layers else self.engine.get_global_grad_norm()
-        on_device, offloaded = held_state_bytes(self.optimizer, self.engine.module, self.device_type)
+        on_device, offloaded = held_state_bytes(self.optimizer, self.weight_storages, self.device_type)
         (total_loss,) = dist.all_reduce([loss_sum])
         peak, state_bytes, offloaded = dist.all_reduce([metrics.peak_memory_bytes(), on_device, offloaded], op="max")
         step_time = time.perf_counter() - start
