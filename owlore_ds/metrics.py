@@ -13,14 +13,29 @@ from owlore_ds.errors import UserInputError
 log = logging.getLogger(__name__)
 
 
-def peak_memory_bytes() -> int:
-    """Accelerator max-allocated bytes; on CPU, the process's peak resident set."""
+def _on_cpu() -> bool:
     from deepspeed.accelerator import get_accelerator
 
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return int(accelerator.max_memory_allocated())
+    return get_accelerator().device_name() == "cpu"
+
+
+def memory_baseline_bytes() -> int:
+    """What the process holds before the model is built: on CPU the resident set
+    (interpreter, libraries, tokenized data), which peak_memory_bytes leaves out so that
+    CPU figures compare with a GPU's max-allocated ones; on an accelerator 0."""
+    if not _on_cpu():
+        return 0
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_bytes(baseline: int = 0) -> int:
+    """Accelerator max-allocated bytes; on CPU, the process's peak resident set above `baseline`."""
+    from deepspeed.accelerator import get_accelerator
+
+    if _on_cpu():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # Linux reports KiB
+    return int(get_accelerator().max_memory_allocated())
 
 
 def check_reporter(report_to: str) -> None:

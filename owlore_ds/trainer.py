@@ -55,6 +55,7 @@ class Trainer:
         if cfg.layerwise:
             self.ds_config = ds_config.for_layerwise(self.ds_config, cfg.deepspeed or "the default DeepSpeed config")
 
+        self.memory_baseline = metrics.memory_baseline_bytes()
         deepspeed.runtime.utils.set_random_seed(cfg.seed)
         # Under ZeRO-3 this makes from_pretrained partition the weights as they load.
         from transformers.integrations import HfDeepSpeedConfig
@@ -115,7 +116,7 @@ class Trainer:
         grad_norm = self.optimizer.global_grad_norm if self.active_layers else self.engine.get_global_grad_norm()
         on_device, offloaded = held_state_bytes(self.optimizer, self.weight_storages, self.device_type)
         (total_loss,) = dist.all_reduce([loss_sum])
-        peak, state_bytes, offloaded = dist.all_reduce([metrics.peak_memory_bytes(), on_device, offloaded], op="max")
+        peak, state_bytes, offloaded = dist.all_reduce([metrics.peak_memory_bytes(self.memory_baseline), on_device, offloaded], op="max")
         step_time = time.perf_counter() - start
         tokens = int(self.data.attention_mask[rows].sum())
         record = {
