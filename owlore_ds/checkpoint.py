@@ -14,7 +14,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -25,6 +25,10 @@ from owlore_ds.errors import UserInputError
 
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
+# lomo/adalomo runs have no DeepSpeed optimizer whose files would hold the weights, so
+# their checkpoints hold the full weights themselves (loadable on any number of ranks).
+WEIGHTS_FILE = "model.safetensors"
+FUSED_STATE = "fused_state.pt"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -63,6 +67,19 @@ def read_trainer_state(path: str, what: str = "--resume_from_checkpoint") -> dic
         step, world = int(state["global_step"]), int(state["world_size"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise UserInputError(f"{state_file}: corrupt trainer state") from None
+    if state.get("fused"):
+        files = [os.path.join(path, WEIGHTS_FILE), os.path.join(path, FUSED_STATE)]
+        if not all(os.path.isfile(f) for f in files):
+            raise UserInputError(f"{path}: partial checkpoint, {WEIGHTS_FILE} or {FUSED_STATE} is missing")
+    else:
+        files = _deepspeed_files(path, step, world, state)
+    for file in files:
+        if os.path.getsize(file) == 0:
+            raise UserInputError(f"{path}: partial checkpoint, {os.path.relpath(file, path)} is empty")
+    return state
+
+
+def _deepspeed_files(path: str, step: int, world: int, state: dict[str, Any]) -> list[str]:
     tag_dir = os.path.join(path, f"global_step{step}")
     # DeepSpeed names files by stage and precision (zero_pp_rank_R_..., bf16_zero_pp_rank_R_...).
     model_files = glob.glob(os.path.join(tag_dir, "*model_states.pt"))
@@ -74,10 +91,7 @@ def read_trainer_state(path: str, what: str = "--resume_from_checkpoint") -> dic
         optim_files = [_rank_state_file(path, r) for r in range(world)]
         if not all(os.path.isfile(f) for f in optim_files):
             raise UserInputError(f"{path}: partial checkpoint, a layerwise_rank*.pt file is missing")
-    for file in model_files + optim_files:
-        if os.path.getsize(file) == 0:
-            raise UserInputError(f"{path}: partial checkpoint, {os.path.relpath(file, path)} is empty")
-    return state
+    return model_files + optim_files
 
 
 def resolve_resume(cfg: TrainConfig, global_batch: int) -> Optional[str]:
@@ -178,14 +192,23 @@ def load_rank_states(path: str, state: dict[str, Any]) -> list[Optional[dict[str
 
 
 def save(engine, step: int, cfg: TrainConfig, trainer_state: dict[str, Any], model_config, tokenizer,
-         rank_state: Optional[dict[str, Any]] = None) -> str:
-    """Writes OUT/checkpoint-`step` on all ranks; returns its path."""
+         rank_state: Optional[dict[str, Any]] = None,
+         write_model: Optional[Callable[[str], None]] = None) -> str:
+    """Writes OUT/checkpoint-`step` on all ranks; returns its path.
+
+    The model and optimizer go through engine.save_checkpoint, or through `write_model`
+    (called with the folder on every rank) for engines without a DeepSpeed optimizer.
+    """
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = f"{final}.tmp"
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
     dist.barrier()
-    engine.save_checkpoint(tmp, tag=f"global_step{step}")
+    if write_model is not None:
+        os.makedirs(tmp, exist_ok=True)
+        write_model(tmp)
+    else:
+        engine.save_checkpoint(tmp, tag=f"global_step{step}")
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{dist.rank()}.pth"))
     if rank_state is not None:
         torch.save(rank_state, _rank_state_file(tmp, dist.rank()))
@@ -233,7 +256,7 @@ def universal_tag(path: str, step: int) -> str:
 def needs_universal(state: dict[str, Any], world_size: int) -> bool:
     """ZeRO partitions optimizer state by rank count: another count loads the universal format,
     which must be switched on in the DeepSpeed config before the engine is built."""
-    return state["world_size"] != world_size and state.get("zero_stage", 0) > 0
+    return state["world_size"] != world_size and state.get("zero_stage", 0) > 0 and not state.get("fused")
 
 
 def load(engine, path: str, state: dict[str, Any], world_size: int) -> None:
@@ -246,6 +269,44 @@ def load(engine, path: str, state: dict[str, Any], world_size: int) -> None:
         raise UserInputError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if loaded is None:
         raise UserInputError(f"{path}: DeepSpeed could not load tag {tag}")
+    restore_rng(path)
+
+
+def restore_rng(path: str) -> None:
+    """This rank's RNG states, when the checkpoint has a file for this rank."""
     rng_file = os.path.join(path, f"rng_state_{dist.rank()}.pth")
     if os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+def save_full_weights(module: torch.nn.Module, directory: str) -> None:
+    """Rank 0 writes every weight, whole, to `directory`/model.safetensors; under ZeRO-3 each
+    tensor is gathered in turn, so no rank ever holds more than one full tensor extra."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from safetensors.torch import save_file
+
+    weights = {}
+    for name, p in module.named_parameters():
+        with GatheredParameters([p], modifier_rank=None):
+            if dist.is_main():
+                weights[name] = p.data.detach().to("cpu", copy=True)
+    if dist.is_main():
+        save_file(weights, os.path.join(directory, WEIGHTS_FILE))
+
+
+def load_full_weights(module: torch.nn.Module, path: str) -> None:
+    """Loads `path`/model.safetensors into `module` (under ZeRO-3, rank 0 loads and DeepSpeed scatters)."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, WEIGHTS_FILE)
+    try:
+        weights = load_file(file)
+    except Exception as exc:
+        raise UserInputError(f"{file}: corrupt weights ({type(exc).__name__})") from None
+    for name, p in module.named_parameters():
+        if name not in weights or weights[name].shape != (p.ds_shape if hasattr(p, "ds_shape") else p.shape):
+            raise UserInputError(f"{file}: {name} is missing or has the wrong shape")
+        with GatheredParameters([p], modifier_rank=0):
+            if dist.is_main() or not hasattr(p, "ds_id"):
+                p.data.copy_(weights[name])

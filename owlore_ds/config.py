@@ -21,8 +21,9 @@ from owlore_ds.errors import UserInputError
 # --model_name_or_path, so everything runs on a machine with no model hub.
 EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shakespeare-llama")
 
-METHODS = ("full", "lisa", "owlore", "galore")
+METHODS = ("full", "lisa", "owlore", "galore", "lomo", "adalomo", "lora")
 LAYERWISE_METHODS = ("lisa", "owlore", "galore")
+FUSED_METHODS = ("lomo", "adalomo")  # the update runs inside backward (owlore_ds/fused.py)
 PROB_MODES = ("uniform", "owl", "owl_reverse", "increase", "decrease")
 SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -92,6 +93,13 @@ class TrainConfig:
     galore_update_proj_gap: int = 100
     galore_scale: float = 1.0
     galore_proj_type: str = field(default="std", metadata={"help": "std, reverse_std, left or right"})
+
+    # LoRA (peft)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = field(default="q_proj,v_proj", metadata={
+        "help": "comma-separated module names, or all-linear"})
     galore_svd: str = field(default="exact", metadata={"help": "exact or randomized (Halko) projector refresh"})
     galore_svd_signs: str = field(default="canonical", metadata={
         "help": "canonical (reproducible across ranks and hardware) or lapack (galore-torch's arbitrary signs)"})
@@ -106,6 +114,10 @@ class TrainConfig:
     @property
     def layerwise(self) -> bool:
         return self.method in LAYERWISE_METHODS
+
+    @property
+    def fused(self) -> bool:
+        return self.method in FUSED_METHODS
 
     @property
     def low_rank(self) -> bool:
@@ -140,9 +152,18 @@ class TrainConfig:
             raise UserInputError(f"--outlier_ratios {self.outlier_ratios}: file not found")
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _check_choice("report_to", self.report_to, REPORT_TO)
-        for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.fused and self.gradient_accumulation_steps > 1:
+            raise UserInputError(
+                f"--gradient_accumulation_steps {self.gradient_accumulation_steps}: --method {self.method} updates each "
+                "weight inside backward and frees its gradient, so gradients cannot accumulate; use 1 and raise "
+                "--per_device_train_batch_size instead")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserInputError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules.strip(" ,"):
+            raise UserInputError("--lora_target_modules is empty; give module names such as q_proj,v_proj")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise UserInputError("give --max_steps > 0 or --num_train_epochs > 0")
         if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
@@ -178,6 +199,7 @@ RUN_IDENTITY_FIELDS = (
     "lisa_activated_layers", "lisa_interval_steps", "lisa_prob_mode", "freeze_embeddings", "inactive_state",
     "galore_rank", "galore_update_proj_gap", "galore_scale", "galore_proj_type", "galore_svd",
     "galore_svd_signs", "master_weights", "galore_spread_refreshes",
+    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
 )
 
 

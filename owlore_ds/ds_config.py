@@ -119,6 +119,25 @@ def for_layerwise(config: dict[str, Any], source: str) -> dict[str, Any]:
     return config
 
 
+def for_fused(config: dict[str, Any], source: str, method: str) -> dict[str, Any]:
+    """The engine config for lomo/adalomo, which run without a DeepSpeed optimizer.
+
+    ZeRO-1/2 partition optimizer state and gradients, neither of which a fused update
+    keeps, so they become stage 0; ZeRO-3 stays and partitions the weights, as the LOMO
+    authors run it. At stage 0 DeepSpeed's bf16 wrapper would want an optimizer, so it is
+    off there (the weights are loaded in bf16 already). Clipping is the fused update's.
+    """
+    if offloads_optimizer(config):
+        raise UserInputError(f"{source}: zero_optimization.offload_optimizer is set but --method {method} holds no "
+                             "optimizer state to offload; remove it (offload_param works under ZeRO-3)")
+    config = copy.deepcopy(config)
+    config["gradient_clipping"] = 0.0
+    if zero_stage(config) < 3:
+        config["zero_optimization"] = {"stage": 0}
+        config["bf16"] = {"enabled": False}
+    return config
+
+
 def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 

@@ -11,15 +11,21 @@ from typing import Optional
 
 import torch
 
-from owlore_ds.checkpoint import TRAINER_STATE, read_trainer_state
+from owlore_ds.checkpoint import TRAINER_STATE, WEIGHTS_FILE, read_trainer_state
 from owlore_ds.errors import UserInputError
+from owlore_ds.lora import add_adapters, merged
 from owlore_ds.modeling import DTYPES
 
 
 def consolidated_state_dict(checkpoint: str, state: dict) -> dict[str, torch.Tensor]:
-    """fp32 weights from the fp32 master partitions (ZeRO) or the saved module (stage 0)."""
+    """fp32 weights from the full weights (lomo/adalomo), the fp32 master partitions (ZeRO)
+    or the saved module (stage 0)."""
     tag = f"global_step{state['global_step']}"
-    if state.get("zero_stage", 0) > 0:
+    if state.get("fused"):
+        from safetensors.torch import load_file
+
+        weights = load_file(os.path.join(checkpoint, WEIGHTS_FILE))
+    elif state.get("zero_stage", 0) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
@@ -54,11 +60,16 @@ def export_checkpoint(checkpoint: str, destination: str, dtype: Optional[str] = 
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tied = set(getattr(model, "_tied_weights_keys", None) or {})
+        if "lora" in state:  # rebuild the adapters, load them with the base, then fold them in
+            model = add_adapters(model, state["lora"])
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if k.removeprefix("base_model.model.") not in tied]
     if missing or unexpected:
         raise UserInputError(f"{checkpoint}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if "lora" in state:
+        model.get_base_model().tie_weights()  # before merging, or peft unties the config
+        model = merged(model)
     model.tie_weights()
     model.to(DTYPES[dtype])
     tmp = f"{destination.rstrip('/')}.tmp"

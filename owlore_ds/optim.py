@@ -6,6 +6,7 @@ import torch
 from transformers import get_scheduler
 
 from owlore_ds.config import TrainConfig
+from owlore_ds.fused import FusedUpdate
 from owlore_ds.layer_sampling import split_parameters
 from owlore_ds.layerwise import GaloreSettings, LayerwiseOptimizer
 
@@ -25,7 +26,15 @@ def build_layerwise_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Layer
                               **_adam_kwargs(cfg))
 
 
+def build_fused_optimizer(model: torch.nn.Module, cfg: TrainConfig, zero3: bool, device: torch.device,
+                          after_backward) -> FusedUpdate:
+    """lomo/adalomo, built on the engine's module (its hooks must sit on the parameters DeepSpeed runs)."""
+    return FusedUpdate(model, cfg.method, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                       max_grad_norm=cfg.max_grad_norm, zero3=zero3, device=device, after_backward=after_backward)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload: bool) -> torch.optim.Optimizer:
+    """The optimizer handed to deepspeed.initialize (lomo/adalomo have none: see build_fused_optimizer)."""
     if cfg.layerwise:
         return build_layerwise_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -125,3 +125,14 @@ def test_overwrite_output_dir_starts_over(tmp_path, finished_run):
     run_training(args + ["--overwrite_output_dir", "--max_steps", "1"])
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "final", "metrics.jsonl", "run_config.json"]
     assert json.loads((out / "run_config.json").read_text())["run_identity"]["learning_rate"] == 0.01
+
+
+def test_fused_methods_refuse_what_they_cannot_do(tmp_path, tiny_llama, task_data):
+    out = tmp_path / "out"
+    _expect_error(common_args(tiny_llama, task_data, out, method="lomo", gradient_accumulation_steps=2), out,
+                  "--gradient_accumulation_steps 2", "--method lomo")
+    _expect_error(common_args(tiny_llama, task_data, out, method="adalomo",
+                              deepspeed=ROOT / "ds_configs" / "zero3_offload.json"), out,
+                  "zero3_offload.json", "offload_optimizer")
+    _expect_error(common_args(tiny_llama, task_data, out, method="lora", lora_target_modules="qkv_fused"), out,
+                  "--lora_target_modules", "qkv_fused")
