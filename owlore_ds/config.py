@@ -27,6 +27,10 @@ FUSED_METHODS = ("lomo", "adalomo")  # the update runs inside backward (owlore_d
 PROB_MODES = ("uniform", "owl", "owl_reverse", "increase", "decrease")
 SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
+# With bf16 weights (lisa, owlore, galore): fp32 master copies; none (bf16 weights updated
+# in fp32 and rounded back, fp32 moments); pure_bf16 (weights, moments and projectors in
+# bf16, updated in bf16 as torch AdamW and galore-torch do on a bf16 model: the reference).
+MASTER_POLICIES = ("fp32", "none", "pure_bf16")
 
 
 @dataclass
@@ -87,7 +91,8 @@ class TrainConfig:
     galore_spread_refreshes: bool = field(default=False, metadata={
         "help": "stagger the SVD refreshes of a layer's matrices over the gap (changes when each refreshes)"})
     master_weights: str = field(default="fp32", metadata={
-        "help": "with --bf16 in lisa/owlore/galore: fp32 master copies of trained weights, or none (bf16 only)"})
+        "help": "with --bf16 in lisa/owlore/galore: fp32 (master copies), none (fp32 moments only) or "
+                "pure_bf16 (bf16 moments, as the reference)"})
     galore: bool = field(default=False, metadata={"help": "with --method lisa: the reference's switch for owlore"})
     galore_rank: int = 256
     galore_update_proj_gap: int = 100
@@ -143,7 +148,7 @@ class TrainConfig:
         _check_choice("galore_proj_type", self.galore_proj_type, ("std", "reverse_std", "left", "right"))
         _check_choice("galore_svd", self.galore_svd, ("exact", "randomized"))
         _check_choice("galore_svd_signs", self.galore_svd_signs, ("canonical", "lapack"))
-        _check_choice("master_weights", self.master_weights, ("fp32", "none"))
+        _check_choice("master_weights", self.master_weights, MASTER_POLICIES)
         for name in ("lisa_activated_layers", "lisa_interval_steps", "owl_nsamples", "galore_rank",
                      "galore_update_proj_gap"):
             if getattr(self, name) < 1:

@@ -32,8 +32,23 @@ import torch
 import torch.distributed as torch_dist
 
 from owlore_ds import galore
+from owlore_ds.config import MASTER_POLICIES
 
 INACTIVE_POLICIES = ("free", "offload")
+
+
+_NORM_ROW = 1 << 16
+
+
+def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
+    """The float64 sum of squares of `grad`, from norms of 64K-element rows (each accumulated
+    in fp32 by torch, in the gradient's dtype): within ~1e-5 of an exact sum, where one
+    norm over a 131M-element bf16 or fp32 tensor is off by 1%, and with no fp32/fp64 copy."""
+    flat = grad.reshape(-1)
+    whole = flat.numel() - flat.numel() % _NORM_ROW
+    rows = torch.linalg.vector_norm(flat[:whole].view(-1, _NORM_ROW), dim=1).double()
+    rest = torch.linalg.vector_norm(flat[whole:]).double()
+    return rows.pow(2).sum() + rest.pow(2)
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def __init__(self, layers: list[list[tuple[str, torch.nn.Parameter]]], always: list[tuple[str, torch.nn.Parameter]],
                  *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, max_grad_norm: float,
                  inactive_state: str = "free", galore_settings: Optional[GaloreSettings] = None,
-                 master_weights: bool = True):
+                 master_weights: str = "fp32"):
         if inactive_state not in INACTIVE_POLICIES:
             raise ValueError(f"inactive_state must be one of {INACTIVE_POLICIES}, got {inactive_state!r}")
         params = [p for layer in layers for _, p in layer] + [p for _, p in always]
@@ -90,6 +105,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.inactive_state = inactive_state
         self.galore_settings = galore_settings
+        if master_weights not in MASTER_POLICIES:
+            raise ValueError(f"master_weights must be one of {MASTER_POLICIES}, got {master_weights!r}")
         self.master_weights = master_weights
         self.rank, self.world = _world()
         self.active: list[int] = []
@@ -160,25 +177,28 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
 
     def _reduce_gradients(self, items: list[_Item]) -> dict[str, torch.Tensor]:
-        """Sums each item's gradient over ranks onto its owner; returns the owner's fp32 mean."""
+        """Sums each item's gradient over ranks onto its owner; returns the owner's mean (fp32
+        on several ranks; on one rank the .grad itself, made fp32 one item at a time in step)."""
         owned = {}
         for item in items:
             p = item.param
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            # Reduced in fp32: a bf16 sum over many ranks would drop the small gradients.
-            grad = _flat(p.grad)[item.lo : item.hi].float()
+            grad = _flat(p.grad)[item.lo : item.hi]
             if self.world > 1:
+                # Reduced in fp32: a bf16 sum over many ranks would drop the small gradients.
+                grad = grad.float()
                 torch_dist.reduce(grad, dst=item.owner)
+                grad.div_(self.world)  # the engine's convention: mean over ranks
             if item.owner == self.rank:
-                owned[item.key] = grad.div_(self.world)  # the engine's convention: mean over ranks
+                owned[item.key] = grad
         return owned
 
     def _clip_coefficient(self, grads: dict[str, torch.Tensor]) -> float:
         device = next(iter(self.param_groups[0]["params"])).device
         squares = torch.zeros((), dtype=torch.float64, device=device)
         for grad in grads.values():
-            squares += grad.double().pow(2).sum()
+            squares += _squared_norm(grad)
         if self.world > 1:
             torch_dist.all_reduce(squares)
         self.global_grad_norm = float(squares.sqrt())
@@ -188,7 +208,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _new_state(self, item: _Item) -> dict[str, Any]:
         state: dict[str, Any] = {"step": 0}
-        if item.param.dtype != torch.float32 and self.master_weights:
+        if item.param.dtype != torch.float32 and self.master_weights == "fp32":
             state["master"] = _flat(item.param.detach())[item.lo : item.hi].float().clone()
         return state
 
@@ -201,21 +221,27 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         step = state["step"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        weight.mul_(1 - group["lr"] * group["weight_decay"])
+        if group["weight_decay"]:
+            weight.mul_(1 - group["lr"] * group["weight_decay"])
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(group["eps"])
         weight.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**step))
 
-    def _update(self, item: _Item, grad: torch.Tensor, group: dict[str, Any]) -> None:
+    def _update(self, item: _Item, grad: torch.Tensor, coefficient: float, group: dict[str, Any]) -> None:
+        """Steps one owned item with its (rank-mean) gradient times the clip coefficient."""
         state = self.item_state.get(item.key)
         if state is None:
             state = self.item_state[item.key] = self._new_state(item)
         weights = _flat(item.param.data)[item.lo : item.hi]
-        if "master" in state:
-            weight = state["master"]
-        else:  # without a master copy, bf16 weights are updated in fp32 and rounded back
-            weight = weights if weights.dtype == torch.float32 else weights.float()
+        if self.master_weights == "pure_bf16":  # moments follow the weights' dtype (_adamw, galore)
+            weight, grad = weights, grad.to(weights.dtype)
+        else:  # on one rank, the only fp32 copy of a bf16 gradient alive
+            weight, grad = state.get("master"), grad.float()
+            if weight is None:  # without a master copy, bf16 weights are updated in fp32 and rounded back
+                weight = weights if weights.dtype == torch.float32 else weights.float()
+        if coefficient != 1.0:
+            grad = grad.mul_(coefficient)
         if item.low_rank:
             settings = self.galore_settings
             beta1, beta2 = group["betas"]
@@ -247,8 +273,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"the gradient norm is {self.global_grad_norm}; stopping before the weights take it")
         for item in items:
             if item.owner == self.rank:
-                grad = grads.pop(item.key)
-                self._update(item, grad.mul_(coefficient) if coefficient != 1.0 else grad, group)
+                self._update(item, grads.pop(item.key), coefficient, group)
             if self.world > 1:
                 torch_dist.broadcast(_flat(item.param.data)[item.lo : item.hi], src=item.owner)
 

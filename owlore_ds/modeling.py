@@ -59,8 +59,26 @@ def load_model(path: str, precision: str, gradient_checkpointing: bool) -> torch
     return model
 
 
+# Tokens per chunk of the loss: one chunk's fp32 logits (1024 x 32000 x 4 B = 131 MB for
+# LLaMA2) exist at a time instead of the whole micro-batch's (1 GB each at 16 x 512 tokens).
+LOSS_CHUNK_TOKENS = 1024
+
+
+def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+
+
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross entropy (fp32); the caller divides by the global target count."""
-    shifted_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+    """Summed next-token cross entropy (fp32); the caller divides by the global target count.
+
+    Computed a chunk of tokens at a time, each chunk checkpointed: its fp32 logits and
+    log-softmax are recomputed in backward rather than kept, so the fp32 copies of the
+    (tokens x vocab) logits, the largest tensors of a fine-tuning step, never exist whole.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    shifted_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
     shifted_labels = labels[:, 1:].reshape(-1)
-    return torch.nn.functional.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100, reduction="sum")
+    chunks = zip(shifted_logits.split(LOSS_CHUNK_TOKENS), shifted_labels.split(LOSS_CHUNK_TOKENS))
+    return sum(checkpoint(_cross_entropy_sum, chunk_logits, chunk_labels, use_reentrant=False)
+               for chunk_logits, chunk_labels in chunks)

@@ -22,7 +22,7 @@ def build_layerwise_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Layer
                               cfg.galore_svd, cfg.galore_svd_signs == "canonical", cfg.galore_spread_refreshes)
                 if cfg.low_rank else None)
     return LayerwiseOptimizer(layers, always, max_grad_norm=cfg.max_grad_norm, inactive_state=cfg.inactive_state,
-                              galore_settings=settings, master_weights=cfg.master_weights == "fp32",
+                              galore_settings=settings, master_weights=cfg.master_weights,
                               **_adam_kwargs(cfg))
 
 
