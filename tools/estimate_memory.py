@@ -1,0 +1,108 @@
+"""Predicted per-device memory of a training run, by method (owlore_ds/memory_model.py).
+
+    python tools/estimate_memory.py --model_config llama2-70b --method owlore --world_size 16 \
+        --zero_stage 3 --micro_batch_size 1 --block_size 4096 --gradient_checkpointing
+
+--model_config is a bundled architecture (owlore_ds/architectures.py) or a model folder /
+config.json; --method all prints every method side by side. Figures are GB (1e9 bytes).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from owlore_ds.cli import run_main  # noqa: E402
+from owlore_ds.errors import UserInputError  # noqa: E402
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def load_config(spec: str, num_layers=None):
+    """A bundled architecture name, or a model folder / config.json path."""
+    from owlore_ds.architectures import ARCHITECTURES, architecture_config
+
+    if spec in ARCHITECTURES:
+        return architecture_config(spec, num_layers)
+    path = spec[: -len("config.json")] if spec.endswith("config.json") else spec
+    path = path or "."
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserInputError(f"--model_config {spec}: neither a bundled architecture "
+                             f"({', '.join(ARCHITECTURES)}) nor a folder with a config.json")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError) as exc:
+        raise UserInputError(f"--model_config {spec}: not a usable config ({str(exc).splitlines()[0]})") from None
+    if num_layers is not None:
+        if not 1 <= num_layers <= config.num_hidden_layers:
+            raise UserInputError(f"--num_layers {num_layers}: expected 1 to {config.num_hidden_layers}")
+        config.num_hidden_layers = num_layers
+    return config
+
+
+def main() -> None:
+    from owlore_ds.memory_model import METHODS, estimate, format_table
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_config", required=True, help="bundled name (llama2-7b, ...) or model folder")
+    parser.add_argument("--num_layers", type=int, default=None, help="cut the depth, every layer keeps its shape")
+    parser.add_argument("--method", default="all", help=f"one of {', '.join(METHODS)}, or all")
+    parser.add_argument("--world_size", type=int, default=1)
+    parser.add_argument("--zero_stage", type=int, default=2)
+    parser.add_argument("--precision", default="bf16", help="bf16 or fp32")
+    parser.add_argument("--fp32", action="store_true", help="same as --precision fp32")
+    parser.add_argument("--micro_batch_size", type=int, default=1)
+    parser.add_argument("--block_size", type=int, default=512)
+    parser.add_argument("--gradient_checkpointing", type=_bool, nargs="?", const=True, default=False)
+    parser.add_argument("--lisa_activated_layers", type=int, default=2)
+    parser.add_argument("--galore_rank", type=int, default=256)
+    parser.add_argument("--master_weights", default="fp32", help="fp32 or none (layer-sampled methods)")
+    parser.add_argument("--freeze_embeddings", type=_bool, nargs="?", const=True, default=False)
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--lora_target_modules", default="q_proj,v_proj")
+    parser.add_argument("--offload", type=_bool, nargs="?", const=True, default=False)
+    parser.add_argument("--device", default="cuda", help="cuda or cpu (AdamW temporaries, fixed overhead)")
+    args = parser.parse_args()
+
+    config = load_config(args.model_config, args.num_layers)
+    if args.method != "all" and args.method not in METHODS:
+        raise UserInputError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}, or all")
+    methods = METHODS if args.method == "all" else (args.method,)
+    kwargs = dict(world_size=args.world_size, zero_stage=args.zero_stage,
+                  precision="fp32" if args.fp32 else args.precision, micro_batch_size=args.micro_batch_size,
+                  block_size=args.block_size, gradient_checkpointing=args.gradient_checkpointing,
+                  lisa_activated_layers=args.lisa_activated_layers, galore_rank=args.galore_rank,
+                  master_weights=args.master_weights, freeze_embeddings=args.freeze_embeddings,
+                  lora_r=args.lora_r, lora_target_modules=tuple(t for t in args.lora_target_modules.split(",") if t),
+                  offload=args.offload, device=args.device)
+    estimates, skipped, errors = {}, [], []
+    for method in methods:
+        try:
+            estimates[method] = estimate(config, method, **kwargs)
+        except UserInputError as exc:
+            errors.append(exc)
+            skipped.append(f"{method}: {exc}")
+    if not estimates:  # a flag wrong for every method is bad input, not a skipped method
+        raise errors[0]
+    print(f"{args.model_config}, {config.num_hidden_layers} layers, {args.world_size} device(s), "
+          f"ZeRO-{args.zero_stage}, {kwargs['precision']}, micro-batch {args.micro_batch_size}, "
+          f"block {args.block_size}, checkpointing {'on' if args.gradient_checkpointing else 'off'} (per device, GB)")
+    print(format_table(estimates))
+    for method, est in estimates.items():
+        for note in est.notes:
+            print(f"note: {method}: {note}")
+    for line in skipped:
+        print(f"skipped {line}")
+
+
+if __name__ == "__main__":
+    run_main(main)
