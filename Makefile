@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo quality benchmark clean
 
 venv: $(STAMP)
 
@@ -18,8 +18,19 @@ test: venv
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 demo: venv
-	DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")} \
-	$(PYTHON) tools/demo.py
+	DS_ACCELERATOR=$(ACCELERATOR) $(PYTHON) tools/demo.py
+
+ACCELERATOR = $${DS_ACCELERATOR:-$$($(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
+
+# docs/results.md: every method x 2 seeds on the embedded task (about 25 minutes on 2 CPU cores)
+quality: venv
+	DS_ACCELERATOR=$(ACCELERATOR) $(PYTHON) tools/quality_table.py
+
+# docs/benchmarks.md's measured table: LLaMA2-7B layer shapes, 2 layers, every method and the peer
+benchmark: venv
+	DS_ACCELERATOR=$(ACCELERATOR) $(PYTHON) tools/benchmark.py --model_config llama2-7b --num_layers 2 \
+	  --methods full,lora,lisa,galore,owlore,lomo,adalomo,peer --steps 6 --micro_batch_size 1 --block_size 256 \
+	  --gradient_checkpointing --master_weights pure_bf16 --lisa_interval_steps 6 --output_dir bench_out
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -58,6 +58,8 @@ class MethodSettings:
 # One learning rate for the AdamW-based methods (the embedded model was pre-trained at 2e-3),
 # none tuned per method. LOMO is plain SGD fused into backward, its step clipped to norm 1:
 # at 3e-2 its loss was still 4.6 after 60 steps (AdamW: 1.0), at 1e-1 it reached 1.3.
+# AdaLomo's step is lr x RMS(weight) (a few 1e-2 here): at 1e-3 its loss was 6.7 after 50
+# steps, so it gets 2e-2.
 LAYERS = ("--lisa_activated_layers", "2", "--lisa_interval_steps", "10", "--owl_nsamples", "32")  # 2 of 6 layers
 GALORE = ("--galore_rank", "64", "--galore_update_proj_gap", "50")  # hidden size is 256
 METHODS: dict[str, MethodSettings] = {
@@ -68,7 +70,7 @@ METHODS: dict[str, MethodSettings] = {
     "galore": MethodSettings(1e-3, GALORE),
     "owlore": MethodSettings(1e-3, LAYERS + GALORE),
     "lomo": MethodSettings(1e-1),
-    "adalomo": MethodSettings(1e-3),
+    "adalomo": MethodSettings(2e-2),
 }
 PACKAGES = ("torch", "deepspeed", "transformers", "peft", "galore-torch", "lomo-optim", "datasets")
 WARMUP_STEPS = 2  # excluded from tokens/s: the first steps carry one-off setup costs
