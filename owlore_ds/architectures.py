@@ -7,6 +7,8 @@ memory measured on a 2-layer model are those of the full model.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Optional
 
 from owlore_ds.errors import UserInputError
@@ -47,3 +49,25 @@ def architecture_config(name: str, num_layers: Optional[int] = None):
         settings["num_hidden_layers"] = num_layers
     model_type = settings.pop("model_type")
     return AutoConfig.for_model(model_type, **settings)
+
+
+def load_config(spec: str, num_layers: Optional[int] = None):
+    """A bundled architecture by name, or the config of a model folder or config.json, cut to
+    `num_layers` decoder layers if given; errors name --model_config / --num_layers."""
+    from transformers import AutoConfig
+
+    if spec in ARCHITECTURES:
+        return architecture_config(spec, num_layers)
+    folder = os.path.dirname(spec) if spec.endswith(".json") else spec
+    if not os.path.isfile(os.path.join(folder or ".", "config.json")):
+        raise UserInputError(f"--model_config {spec}: neither a bundled architecture "
+                             f"({', '.join(ARCHITECTURES)}) nor a folder with a config.json")
+    try:
+        config = AutoConfig.from_pretrained(folder or ".", local_files_only=True)
+    except (ValueError, OSError, json.JSONDecodeError, KeyError) as exc:
+        raise UserInputError(f"--model_config {spec}: not a usable model config ({str(exc).splitlines()[0]})") from None
+    if num_layers is not None:
+        if not 1 <= num_layers <= config.num_hidden_layers:
+            raise UserInputError(f"--num_layers {num_layers}: expected 1 to {config.num_hidden_layers} for {spec}")
+        config.num_hidden_layers = num_layers
+    return config

@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from owlore_ds.architectures import load_config  # noqa: E402
 from owlore_ds.cli import run_main  # noqa: E402
 from owlore_ds.errors import UserInputError  # noqa: E402
 
@@ -23,30 +24,6 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def load_config(spec: str, num_layers=None):
-    """A bundled architecture name, or a model folder / config.json path."""
-    from owlore_ds.architectures import ARCHITECTURES, architecture_config
-
-    if spec in ARCHITECTURES:
-        return architecture_config(spec, num_layers)
-    path = spec[: -len("config.json")] if spec.endswith("config.json") else spec
-    path = path or "."
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserInputError(f"--model_config {spec}: neither a bundled architecture "
-                             f"({', '.join(ARCHITECTURES)}) nor a folder with a config.json")
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError) as exc:
-        raise UserInputError(f"--model_config {spec}: not a usable config ({str(exc).splitlines()[0]})") from None
-    if num_layers is not None:
-        if not 1 <= num_layers <= config.num_hidden_layers:
-            raise UserInputError(f"--num_layers {num_layers}: expected 1 to {config.num_hidden_layers}")
-        config.num_hidden_layers = num_layers
-    return config
 
 
 def main() -> None:
