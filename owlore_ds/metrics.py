@@ -22,9 +22,17 @@ def _on_cpu() -> bool:
 def memory_baseline_bytes() -> int:
     """What the process holds before the model is built: on CPU the resident set
     (interpreter, libraries, tokenized data), which peak_memory_bytes leaves out so that
-    CPU figures compare with a GPU's max-allocated ones; on an accelerator 0."""
+    CPU figures compare with a GPU's max-allocated ones; on an accelerator 0.
+
+    On CPU it also resets the kernel's peak-RSS mark to the current RSS, so that what
+    came and went before (tokenizing the data, for one) does not count as the peak."""
     if not _on_cpu():
         return 0
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # "reset the peak resident set size to the current value" (proc(5))
+    except OSError:
+        log.warning("could not reset the peak RSS mark; CPU peaks include what preceded the model")
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
