@@ -23,7 +23,8 @@ _MPI_ENV = (
 )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a launcher's --master_port)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -47,7 +48,7 @@ def map_launcher_env(environ: dict[str, str] = os.environ) -> None:
         else:
             environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            environ.setdefault("MASTER_PORT", str(_free_port()))
+            environ.setdefault("MASTER_PORT", str(free_port()))
     environ.setdefault("LOCAL_RANK", "0")
     if "MASTER_ADDR" not in environ:
         raise UserInputError("MASTER_ADDR is not set: export rank 0's host name to every rank of a multi-node job")
@@ -119,10 +120,16 @@ def all_agree(ok: bool) -> bool:
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    # DeepSpeed's CPU shared-memory all-reduce leaves a 66 MB RAM-backed file per rank and
-    # port in /dev/shm, even after a clean exit; a CPU user running many jobs fills memory.
-    port, rank_id = os.environ.get("MASTER_PORT"), os.environ.get("RANK")
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{rank_id}"):
+    remove_shm_buffers(os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "*"))
+
+
+def remove_shm_buffers(port: str | int, rank: str | int = "*") -> None:
+    """Deletes DeepSpeed's CPU shared-memory all-reduce files of `port` (one rank's, or all).
+
+    DeepSpeed leaves a 66 MB RAM-backed file per rank and port in /dev/shm, even after a
+    clean exit; a CPU user running many jobs (or a sweep of runs that die) fills memory.
+    """
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{rank}"):
         try:
             os.remove(path)
         except OSError:

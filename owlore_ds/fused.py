@@ -74,6 +74,8 @@ class FusedUpdate(torch.optim.Optimizer):
                 else:
                     self.state[p] = {"sq": torch.zeros(shape, dtype=torch.float32, device=device)}
             p.register_post_accumulate_grad_hook(self._on_gradient)
+        # Fixed for the whole run (loading a checkpoint copies into these tensors).
+        self._held_bytes = sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values())
 
     # ------------------------------------------------------------------ passes
 
@@ -119,10 +121,13 @@ class FusedUpdate(torch.optim.Optimizer):
         if self._clip_coef < 1.0:
             grad.mul_(self._clip_coef)
         group = self.param_groups[0]
-        update, lr = (grad, group["lr"]) if self.rule == "lomo" else self._adalomo(p, grad, group["lr"])
         weights = p.data.to(torch.float32)
-        if weights.numel() != update.numel():
+        if weights.numel() != grad.numel():
             raise RuntimeError(f"{self.names[p]}: weights not gathered when their gradient was made")
+        if self.rule == "lomo":
+            update, lr = grad, group["lr"]
+        else:
+            update, lr = self._adalomo(p, grad, weights, group["lr"])
         if group["weight_decay"]:
             weights.mul_(1.0 - lr * group["weight_decay"])
         weights.add_(update, alpha=-lr)
@@ -134,8 +139,9 @@ class FusedUpdate(torch.optim.Optimizer):
             if end > start:
                 part.narrow(0, 0, end - start).copy_(weights.view(-1)[start:end])
 
-    def _adalomo(self, p: torch.nn.Parameter, grad: torch.Tensor, lr: float) -> tuple[torch.Tensor, float]:
-        """AdaLomo's update and its step size (lomo_optim.AdaLomo.fuse_update)."""
+    def _adalomo(self, p: torch.nn.Parameter, grad: torch.Tensor, weights: torch.Tensor,
+                 lr: float) -> tuple[torch.Tensor, float]:
+        """AdaLomo's update and its step size (lomo_optim.AdaLomo.fuse_update); `weights` is p in fp32."""
         beta = 1.0 - math.pow(self.updates, self.decay_rate)
         squares = grad.pow(2).add_(self.eps[0])
         state = self.state[p]
@@ -149,15 +155,14 @@ class FusedUpdate(torch.optim.Optimizer):
             update = state["sq"].rsqrt()
         update.mul_(grad)
         update.div_((_rms(update) / self.clip_threshold).clamp_(min=1.0))
-        scale = max(self.eps[1], float(_rms(p.data.to(torch.float32))))
+        scale = max(self.eps[1], float(_rms(weights)))
         return update, lr * scale
 
     # ------------------------------------------------------------------ state
 
     def state_bytes(self) -> tuple[int, int]:
         """(bytes on the training device, bytes elsewhere) of the state held: AdaLomo's factors."""
-        held = sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values())
-        return held, 0
+        return self._held_bytes, 0
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Keyed by parameter name, so a run on another number of ranks can load it."""

@@ -46,6 +46,28 @@ def peak_memory_bytes(baseline: int = 0) -> int:
     return int(get_accelerator().max_memory_allocated())
 
 
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of OUT/metrics.jsonl, one per optimizer step ([] before the first)."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of `names`, for the header of a report."""
+    from importlib import metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def check_reporter(report_to: str) -> None:
     """Fails before training if the chosen reporter's package is missing."""
     module = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}.get(report_to)

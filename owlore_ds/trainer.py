@@ -180,7 +180,8 @@ class Trainer:
         grad_norm = self.optimizer.global_grad_norm if own_norm else self.engine.get_global_grad_norm()
         on_device, offloaded = held_state_bytes(self.optimizer, self.weight_storages, self.device_type)
         (total_loss,) = dist.all_reduce([loss_sum])
-        peak, state_bytes, offloaded = dist.all_reduce([metrics.peak_memory_bytes(self.memory_baseline), on_device, offloaded], op="max")
+        peak, state_bytes, offloaded = dist.all_reduce(
+            [metrics.peak_memory_bytes(self.memory_baseline), on_device, offloaded], op="max")
         step_time = time.perf_counter() - start
         tokens = int(self.data.attention_mask[rows].sum())
         record = {

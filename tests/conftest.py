@@ -7,11 +7,8 @@ as separate processes, on CPU with gloo.
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +20,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from owlore_ds.distributed import free_port, remove_shm_buffers  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 TRAIN = str(ROOT / "launch" / "train.py")
 CORPUS = ROOT / "data" / "pretrain" / "train.txt"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def base_env(port: Optional[int] = None) -> dict[str, str]:
@@ -42,15 +35,6 @@ def base_env(port: Optional[int] = None) -> dict[str, str]:
     if port is not None:
         env["MASTER_PORT"] = str(port)
     return env
-
-
-def _remove_shm_buffers(port: int) -> None:
-    # DeepSpeed's CPU shared-memory allreduce leaves one RAM-backed file per rank and port.
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
 
 
 def launch_command(launcher: str, nproc: int, port: int, args: list[str], script: str = TRAIN) -> list[str]:
@@ -77,7 +61,7 @@ def run_training(args: list[str], nproc: int = 1, launcher: Optional[str] = None
         result = subprocess.run(launch_command(launcher, nproc, port, args, str(script)), env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=timeout)
     finally:
-        _remove_shm_buffers(port)
+        remove_shm_buffers(port)  # left behind by ranks that were killed
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -103,15 +87,10 @@ def straight_and_killed_runs(model: Path, data: Path, tmp_path: Path, nproc: int
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        _remove_shm_buffers(port)
+        remove_shm_buffers(port)  # left behind by ranks that were killed
     assert not (resumed / "final").exists(), "the run finished before it was killed"
     run_training(common_args(model, data, resumed, **overrides), nproc=nproc)
     return straight, resumed
-
-
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    with open(Path(output_dir) / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def final_weights(output_dir: str | Path) -> dict[str, torch.Tensor]:

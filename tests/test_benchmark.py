@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, ROOT, base_env, read_metrics
+from conftest import CORPUS, ROOT, base_env
+from owlore_ds.metrics import read_metrics
 
 BENCHMARK = str(ROOT / "tools" / "benchmark.py")
 VERSIONED = ("torch", "deepspeed", "transformers", "galore-torch", "peft")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import common_args, read_metrics, run_training
+from conftest import common_args, run_training
+from owlore_ds.metrics import read_metrics
 from owlore_ds.data import IGNORE_INDEX, GlobalBatches, load_training_data, read_records, tokenize_records
 from owlore_ds.errors import UserInputError
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (ROOT, assert_same_weights, common_args, final_weights, read_metrics, run_training,
+from conftest import (ROOT, assert_same_weights, common_args, final_weights, run_training,
                       straight_and_killed_runs)
+from owlore_ds.metrics import read_metrics
 from owlore_ds.galore import optimizer_state_bytes_for_shape
 
 ZERO2 = ROOT / "ds_configs" / "zero2.json"

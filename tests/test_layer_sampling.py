@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from conftest import (ROOT, assert_same_weights, base_env, common_args, final_weights, read_metrics, run_training,
+from conftest import (ROOT, assert_same_weights, base_env, common_args, final_weights, run_training,
                       straight_and_killed_runs)
+from owlore_ds.metrics import read_metrics
 from owlore_ds.sampler import LayerSampler, layer_probabilities
 
 ZERO2 = ROOT / "ds_configs" / "zero2.json"

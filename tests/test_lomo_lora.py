@@ -13,8 +13,9 @@ import copy
 import pytest
 import torch
 
-from conftest import (ROOT, assert_same_weights, common_args, final_weights, read_metrics, run_training,
+from conftest import (ROOT, assert_same_weights, common_args, final_weights, run_training,
                       straight_and_killed_runs)
+from owlore_ds.metrics import read_metrics
 from owlore_ds.fused import FusedUpdate
 
 ZERO = {stage: ROOT / "ds_configs" / f"zero{stage}.json" for stage in (2, 3)}

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, common_args, read_metrics, run_training
+from conftest import ROOT, common_args, run_training
+from owlore_ds.metrics import read_metrics
 from owlore_ds.memory_model import RUNTIME_OVERHEAD, estimate, format_table
 
 ZERO2 = ROOT / "ds_configs" / "zero2.json"

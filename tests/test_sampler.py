@@ -1,7 +1,6 @@
 import itertools
 import math
 import queue
-import socket
 from datetime import timedelta
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from owlore_ds.distributed import free_port
 from owlore_ds.sampler import LayerSampler, layer_probabilities
 
 RATIOS = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 12.0]  # skewed, so sampling without replacement matters
@@ -160,16 +160,10 @@ def _worker(rank: int, port: int, results) -> None:
         results.put((rank, None, [repr(e)]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_agree_and_detect_disagreement():
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(rank, port, results), daemon=True) for rank in range(2)]
     for proc in procs:
         proc.start()

@@ -51,7 +51,9 @@ sys.path.insert(0, str(ROOT))
 from owlore_ds.architectures import load_config  # noqa: E402
 from owlore_ds.config import MASTER_POLICIES  # noqa: E402
 from owlore_ds.cli import run_main  # noqa: E402
+from owlore_ds.distributed import free_port  # noqa: E402
 from owlore_ds.errors import UserInputError  # noqa: E402
+from owlore_ds.metrics import package_versions, read_metrics  # noqa: E402
 
 METHODS = ("full", "lora", "lisa", "galore", "owlore", "lomo", "adalomo", "peer")
 LAYER_SAMPLED = ("lisa", "owlore", "peer")
@@ -269,14 +271,6 @@ def method_flags(method: str, settings: Settings, model: Path, ratio_file: Optio
     return _flags(flags)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def method_command(method: str, settings: Settings, flags: list[str]) -> list[str]:
     python = sys.executable
     if method == "peer":
@@ -285,7 +279,7 @@ def method_command(method: str, settings: Settings, flags: list[str]) -> list[st
     if settings.args.world_size == 1:
         return [python, train, *flags]
     launcher = shutil.which("deepspeed", path=os.path.dirname(python)) or "deepspeed"
-    return [launcher, "--num_gpus", str(settings.args.world_size), "--master_port", str(_free_port()), train, *flags]
+    return [launcher, "--num_gpus", str(settings.args.world_size), "--master_port", str(free_port()), train, *flags]
 
 
 def child_env(world_size: int) -> dict[str, str]:
@@ -301,13 +295,6 @@ def child_env(world_size: int) -> dict[str, str]:
         # a pinned threshold returns them (see tests/test_memory_model.py).
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     return env
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _error_line(log_path: Path) -> str:
@@ -331,7 +318,6 @@ def run_method(method: str, command: list[str], env: dict[str, str], run_dir: Pa
     from tqdm import tqdm
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh folder: no old metrics.jsonl to mistake for progress
-    metrics_path = run_dir / "metrics.jsonl"
     started = time.monotonic()
     error = None
     with open(log_path, "w") as log, tqdm(total=steps, desc=f"{method:>8}", unit="step", dynamic_ncols=True) as bar:
@@ -343,7 +329,7 @@ def run_method(method: str, command: list[str], env: dict[str, str], run_dir: Pa
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
-                _advance(bar, read_metrics(metrics_path))
+                _advance(bar, read_metrics(run_dir))
                 if timeout_s and time.monotonic() - started > timeout_s:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
@@ -352,7 +338,7 @@ def run_method(method: str, command: list[str], env: dict[str, str], run_dir: Pa
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
-        records = read_metrics(metrics_path)
+        records = read_metrics(run_dir)
         _advance(bar, records)
     if error is None and proc.returncode != 0:
         error = f"exit {proc.returncode}: {_error_line(log_path)}"
@@ -445,18 +431,6 @@ def device_description() -> dict[str, Any]:
         name = f"{gpu} x{get_accelerator().device_count()} (host {cpu}, {cores} cores)"
     return {"accelerator": accelerator, "name": name, "cpu": cpu, "cores": cores,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-
-
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def _mib(value: Optional[float]) -> str:
@@ -571,7 +545,7 @@ def main() -> None:
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_description(),
-        "versions": package_versions(),
+        "versions": package_versions(VERSIONED_PACKAGES),
         "settings": {
             **{k: v for k, v in vars(args).items() if k not in ("methods", "lora_target_modules")},
             "methods": settings.methods, "lora_target_modules": list(settings.lora_target_modules),

@@ -24,14 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from owlore_ds.distributed import free_port  # noqa: E402
+
 
 def say(message: str = "") -> None:
     print(message, flush=True)
@@ -39,12 +41,6 @@ def say(message: str = "") -> None:
 
 def step(title: str) -> None:
     say(f"\n=== {title} ===")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bf16_supported() -> bool:

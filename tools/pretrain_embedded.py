@@ -42,7 +42,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from owlore_ds.metrics import package_versions, read_metrics  # noqa: E402
 
 DEFAULT_OUTPUT = "models/shakespeare-llama"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
@@ -198,13 +200,6 @@ def run_trainer(cmd: list[str], env: dict[str, str], log_file: Path) -> float:
     return time.perf_counter() - start
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def probe_step_time(args, init_dir: Path, work: Path, gpus: int) -> float:
     """Seconds per optimizer step, from a few steps after a warm-up."""
     probe_dir = work / "probe"
@@ -269,18 +264,6 @@ def sample_text(model_dir: Path, prompt: str = SAMPLE_PROMPT, seed: int = 0, max
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return {"prompt": prompt, "text": text, "seed": seed, "max_new_tokens": max_new_tokens,
             "temperature": temperature, "top_k": top_k}
-
-
-def package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "deepspeed", "sentencepiece", "safetensors"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return versions
 
 
 def device_description(gpus: int, procs: int) -> str:
@@ -571,7 +554,8 @@ def main(argv: list[str] | None = None) -> None:
         "eval_block_size": args.block_size,
         "held_out": {"init": init_ppl or {"perplexity": None}, "trained": trained_ppl},
         "sample": sample_text(trained_dir),
-        "versions": package_versions(),
+        "versions": {"python": platform.python_version(),
+                     **package_versions(("torch", "transformers", "deepspeed", "sentencepiece", "safetensors"))},
         "total_minutes": (time.perf_counter() - started) / 60,
     }
     # The trainer's export writes the fast tokenizer only; the SentencePiece model

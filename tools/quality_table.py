@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
-import importlib.metadata
 import json
 import os
 import shlex
@@ -42,10 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
+from owlore_ds.distributed import free_port, remove_shm_buffers  # noqa: E402
+from owlore_ds.metrics import package_versions, read_metrics  # noqa: E402
 from compare_policies import device_line  # noqa: E402
-from demo import bf16_supported, free_port  # noqa: E402
+from demo import bf16_supported  # noqa: E402
 from score_task import load_instances, load_model, score  # noqa: E402
 
 
@@ -134,10 +134,6 @@ def rel(path: Path) -> str:
     return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path)
 
 
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def summarize_run(rows: list[dict], score: dict) -> dict:
     """One run's figures: held-out metrics from score_task, the rest from metrics.jsonl."""
     timed = rows[WARMUP_STEPS:] or rows
@@ -158,16 +154,6 @@ def error_line(log_file: Path) -> str:
     errors = [line for line in lines if "error:" in line.lower() and not line.startswith("[")]
     text = (errors or lines or ["no output"])[-1]
     return text[:300]
-
-
-def remove_shm_buffers(port: str) -> None:
-    # DeepSpeed's CPU shared-memory allreduce leaves a RAM-backed file per rank and port when a
-    # rank dies before the trainer's own cleanup; a sweep of failing runs would fill memory.
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
 
 
 def score_folder(model_dir: Path, test_file: Path, limit: int | None = None) -> dict:
@@ -194,7 +180,7 @@ def train_and_score(cmd: list[str], env: dict[str, str], out: Path, args: argpar
     start = time.perf_counter()
     with open(log_file, "w") as log:
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
+    remove_shm_buffers(cmd[cmd.index("--master_port") + 1])  # left behind by ranks that died
     train_s = time.perf_counter() - start
     if code != 0 or not (out / "final" / "config.json").is_file():
         return {"error": f"training exit {code}: {error_line(log_file)}", "log": rel(log_file)}
@@ -223,12 +209,7 @@ def mib(value: float) -> float:
 
 
 def versions() -> str:
-    found = []
-    for name in PACKAGES:
-        try:
-            found.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            found.append(f"{name} (not installed)")
+    found = [f"{name} {version}" for name, version in package_versions(PACKAGES).items()]
     return ", ".join(found) + f", Python {sys.version.split()[0]}"
 
 
