@@ -295,18 +295,21 @@ def save_full_weights(module: torch.nn.Module, directory: str) -> None:
 
 
 def load_full_weights(module: torch.nn.Module, path: str) -> None:
-    """Loads `path`/model.safetensors into `module` (under ZeRO-3, rank 0 loads and DeepSpeed scatters)."""
+    """Loads `path`/model.safetensors into `module`, one tensor at a time; under ZeRO-3 only
+    rank 0 reads each tensor and DeepSpeed scatters it, so no rank reads the whole file."""
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     file = os.path.join(path, WEIGHTS_FILE)
     try:
-        weights = load_file(file)
+        weights = safe_open(file, framework="pt")
+        names = set(weights.keys())
     except Exception as exc:
         raise UserInputError(f"{file}: corrupt weights ({type(exc).__name__})") from None
     for name, p in module.named_parameters():
-        if name not in weights or weights[name].shape != (p.ds_shape if hasattr(p, "ds_shape") else p.shape):
+        shape = tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        if name not in names or tuple(weights.get_slice(name).get_shape()) != shape:
             raise UserInputError(f"{file}: {name} is missing or has the wrong shape")
         with GatheredParameters([p], modifier_rank=0):
             if dist.is_main() or not hasattr(p, "ds_id"):
-                p.data.copy_(weights[name])
+                p.data.copy_(weights.get_tensor(name))
