@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 from typing import Any, Optional
 
 from owlore_ds.errors import UserInputError
@@ -22,19 +21,37 @@ def _on_cpu() -> bool:
 def memory_baseline_bytes() -> int:
     """What the process holds before the model is built: on CPU the resident set
     (interpreter, libraries, tokenized data), which peak_memory_bytes leaves out so that
-    CPU figures compare with a GPU's max-allocated ones; on an accelerator 0.
-
-    On CPU it also resets the kernel's peak-RSS mark to the current RSS, so that what
-    came and went before (tokenizing the data, for one) does not count as the peak."""
+    CPU figures compare with a GPU's max-allocated ones; on an accelerator 0."""
     if not _on_cpu():
         return 0
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def start_peak_window() -> None:
+    """Call once the model and optimizer are built: on CPU, resets the kernel's peak-RSS mark
+    to the current resident set, so that the peak is the training's. What came and went
+    before is host memory a GPU run also spends and its max-allocated figure leaves out:
+    tokenizing the data, and loading the checkpoint, whose file pages stay mapped while
+    from_pretrained converts them (with --bf16 the fp32 file plus its bf16 copy)."""
+    if not _on_cpu():
+        return
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # "reset the peak resident set size to the current value" (proc(5))
     except OSError:
-        log.warning("could not reset the peak RSS mark; CPU peaks include what preceded the model")
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        log.warning("could not reset the peak RSS mark; CPU peaks include loading the model")
+
+
+def _own_peak_rss_bytes() -> int:
+    # VmHWM, not getrusage's ru_maxrss: a process started by vfork+exec (Python's subprocess,
+    # torchrun) inherits its parent's peak into ru_maxrss, and clear_refs does not reset that,
+    # so ranks launched from a large process (pytest, a benchmark driver) read the parent's peak.
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 def peak_memory_bytes(baseline: int = 0) -> int:
@@ -42,7 +59,7 @@ def peak_memory_bytes(baseline: int = 0) -> int:
     from deepspeed.accelerator import get_accelerator
 
     if _on_cpu():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # Linux reports KiB
+        return _own_peak_rss_bytes() - baseline
     return int(get_accelerator().max_memory_allocated())
 
 

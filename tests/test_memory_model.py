@@ -1,6 +1,6 @@
 """The memory model (owlore_ds/memory_model.py) against real training runs.
 
-A 19.7M-parameter Llama (hidden 768, 3 layers, GQA) is trained for 3 steps by the real
+A 77.1M-parameter Llama (hidden 1536, 3 layers, GQA) is trained for 3 steps by the real
 trainer on 1 and 2 ranks, by every method (lomo/adalomo with the default --max_grad_norm 1,
 so with their two backward passes); the predicted optimizer_state_bytes must equal the measured one
 exactly and the predicted peak must be within 10% of the measured peak_memory_bytes.
@@ -10,7 +10,9 @@ keeps after a free (its mmap threshold grows with every freed large block, so la
 blocks of a few MB come from the heap and stay resident). A GPU's max-allocated figure
 counts live tensors only, which is what the model predicts; MALLOC_MMAP_THRESHOLD_ pins
 the threshold so that freed blocks go back to the system and RSS follows live bytes too.
-Without it the measured peaks are 9-21% above the live bytes on this model.
+Without it the measured peaks were 9-21% above the live bytes (on a 19.7M model). The model
+is that large so that the process's own fixed and machine-dependent bytes (library pages,
+allocator arenas: tens of MiB) stay small beside the terms checked.
 """
 
 from __future__ import annotations
@@ -33,17 +35,17 @@ GALORE_RANK = 64
 
 
 @pytest.fixture(scope="module")
-def model_20m(tmp_path_factory, tokenizer_dir) -> Path:
-    """Big enough that its tensors (75 MiB of fp32 weights) dwarf the process's fixed overhead."""
+def model_77m(tmp_path_factory, tokenizer_dir) -> Path:
+    """Big enough that its tensors (294 MiB of fp32 weights) dwarf the process's fixed overhead."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = AutoConfig.for_model(
-        "llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=3, num_attention_heads=12,
-        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=256,
+        "llama", hidden_size=1536, intermediate_size=4096, num_hidden_layers=3, num_attention_heads=24,
+        num_key_value_heads=8, vocab_size=len(tokenizer), max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("model-20m")
+    folder = tmp_path_factory.mktemp("model-77m")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -59,31 +61,31 @@ CASES = [
     # (on 1 rank DeepSpeed gathers nothing and the CPU peak is the model load).
     ("lomo", 1, ZERO2), ("adalomo", 1, ZERO2), ("adalomo", 2, ZERO3), ("lora", 2, ZERO2),
 ]
-# LoRA on every linear at rank 64 (2.6M adapter parameters): with the defaults (q_proj,
-# v_proj, r 8: 61K) the frozen weights and the fixed overhead would be all there is to check.
+# LoRA on every linear at rank 64 (5.2M adapter parameters): with the defaults (q_proj,
+# v_proj, r 8: 123K) the frozen weights and the fixed overhead would be all there is to check.
 LORA = dict(lora_r=64, lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj"))
 
 
 @pytest.mark.parametrize("method,nproc,deepspeed", CASES,
                          ids=[f"{m}-{n}rank-{d.stem}" for m, n, d in CASES])
-def test_prediction_matches_measurement(tmp_path, model_20m, task_data, method, nproc, deepspeed):
-    _check_prediction(tmp_path, model_20m, task_data, method, nproc, deepspeed)
+def test_prediction_matches_measurement(tmp_path, model_77m, task_data, method, nproc, deepspeed):
+    _check_prediction(tmp_path, model_77m, task_data, method, nproc, deepspeed)
 
 
 @pytest.mark.parametrize("method,nproc", [("owlore", 1), ("lisa", 2)])
-def test_pure_bf16_prediction_matches_measurement(tmp_path, model_20m, task_data, method, nproc):
+def test_pure_bf16_prediction_matches_measurement(tmp_path, model_77m, task_data, method, nproc):
     """The reference's pure-bf16 policy: bf16 weights, moments and projectors, no fp32 copies.
 
-    Known gap: bf16 runs on this CPU measure 14-21 MiB above the prediction (12-16% here,
-    7.5% for a bf16 owlore with fp32 masters), a term of the CPU's bf16 kernels not yet
-    found; the fp32 runs above agree within 4%. The state bytes are exact.
+    Known gap: these bf16 runs measure 12-16% (40-54 MiB) above the prediction on a 2-core
+    AMD EPYC, a bf16 term of the CPU kernels that grows with the layer size, not yet found;
+    the fp32 runs above agree within 6%. The state bytes are exact.
     """
-    _check_prediction(tmp_path, model_20m, task_data, method, nproc, ZERO2, precision="bf16",
+    _check_prediction(tmp_path, model_77m, task_data, method, nproc, ZERO2, precision="bf16",
                       master_weights="pure_bf16", peak_tolerance=0.2)
 
 
-def _check_prediction(tmp_path, model_20m, task_data, method: str, nproc: int, deepspeed: Path,
+def _check_prediction(tmp_path, model_77m, task_data, method: str, nproc: int, deepspeed: Path,
                       precision: str = "fp32", master_weights: str = "fp32", peak_tolerance: float = 0.10) -> None:
     from transformers import AutoConfig
 
@@ -93,18 +95,20 @@ def _check_prediction(tmp_path, model_20m, task_data, method: str, nproc: int, d
     lora_flags = {k: ",".join(v) if isinstance(v, tuple) else v for k, v in lora.items()}
     # lisa_prob_mode uniform: owlore's OWL calibration is a one-off pass before training
     # (not a training term), and on CPU its RSS would otherwise count in the peak.
-    run_training(common_args(model_20m, task_data, out, method=method, deepspeed=deepspeed, max_steps=3,
+    run_training(common_args(model_77m, task_data, out, method=method, deepspeed=deepspeed, max_steps=3,
                              block_size=BLOCK, per_device_train_batch_size=MICRO_BATCH[nproc],
                              gradient_checkpointing=True, lisa_activated_layers=1, lisa_prob_mode="uniform",
                              galore_rank=GALORE_RANK, **lora_flags, **bf16),
                  nproc=nproc, extra_env=LIVE_BYTES_ENV)
     metrics = read_metrics(out)
-    predicted = estimate(AutoConfig.from_pretrained(model_20m), method, world_size=nproc,
+    predicted = estimate(AutoConfig.from_pretrained(model_77m), method, world_size=nproc,
                          zero_stage=3 if deepspeed == ZERO3 else 2, precision=precision, master_weights=master_weights,
                          micro_batch_size=MICRO_BATCH[nproc], block_size=BLOCK, gradient_checkpointing=True,
                          lisa_activated_layers=1, galore_rank=GALORE_RANK, device="cpu", **lora)
     assert {m["optimizer_state_bytes"] for m in metrics} == {predicted.optimizer_state_bytes}
     measured_peak = max(m["peak_memory_bytes"] for m in metrics)
+    print(f"{method} {nproc} rank(s) {precision}/{master_weights}: predicted {predicted.peak / 2**20:.1f} MiB, "
+          f"measured {measured_peak / 2**20:.1f} MiB ({measured_peak / predicted.peak - 1:+.1%})")
     # The model's terms must dominate, or agreement would say nothing.
     assert predicted.peak > 3 * RUNTIME_OVERHEAD["cpu"]
     assert predicted.peak == pytest.approx(measured_peak, rel=peak_tolerance), (
