@@ -166,11 +166,15 @@ class FusedUpdate(torch.optim.Optimizer):
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Keyed by parameter name, so a run on another number of ranks can load it."""
-        return {"updates": self.updates,
+        # The groups' lr as torch's Optimizer.state_dict keeps it: a scheduler's load_state_dict
+        # restores only its own record, and the first step after a resume would use the initial lr.
+        return {"updates": self.updates, "lr": [group["lr"] for group in self.param_groups],
                 "state": {self.names[p]: {k: t.cpu() for k, t in s.items()} for p, s in self.state.items()}}
 
     def load_checkpoint_state(self, saved: dict[str, Any]) -> None:
         self.updates = int(saved["updates"])
+        for group, lr in zip(self.param_groups, saved["lr"]):
+            group["lr"] = lr
         for p, state in self.state.items():
             for key, tensor in state.items():
                 tensor.copy_(saved["state"][self.names[p]][key])
