@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from owlore_ds.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +32,25 @@ def memory_baseline_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def start_peak_window() -> None:
-    """Call once the model and optimizer are built: on CPU, resets the kernel's peak-RSS mark
-    to the current resident set, so that the peak is the training's. What came and went
-    before is host memory a GPU run also spends and its max-allocated figure leaves out:
-    tokenizing the data, and loading the checkpoint, whose file pages stay mapped while
-    from_pretrained converts them (with --bf16 the fp32 file plus its bf16 copy)."""
+def start_peak_window(model: torch.nn.Module) -> None:
+    """Call once the model and optimizer are built: on CPU, makes every weight resident and
+    resets the kernel's peak-RSS mark to the current resident set, so that the peak is the
+    training's, with the whole model counted as a GPU's max-allocated counts it.
+
+    from_pretrained maps the checkpoint file and may use its pages as the weights; a page
+    never read (embedding rows of tokens not seen, frozen under lora) is not resident and
+    would be missing from the figure. What came and went before is host memory a GPU run
+    also spends and its max-allocated figure leaves out: tokenizing the data, and loading
+    the checkpoint, whose file pages stay mapped while from_pretrained converts them (with
+    --bf16 the fp32 file plus its bf16 copy)."""
     if not _on_cpu():
         return
+    import torch
+
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.numel():
+                tensor.max()  # reads every page
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # "reset the peak resident set size to the current value" (proc(5))

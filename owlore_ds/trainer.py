@@ -94,7 +94,7 @@ class Trainer:
                                            checkpoint.load_rank_states(self.resume_path, self.resume_state))
             self.step = int(self.resume_state["global_step"])
             log.info("resumed from %s at step %d", self.resume_path, self.step)
-        metrics.start_peak_window()
+        metrics.start_peak_window(self.engine.module)
         log.info("%d rank(s), global batch %d, %d steps, method %s, ZeRO stage %d", self.world, self.global_batch,
                  self.total_steps, cfg.method, ds_config.zero_stage(self.ds_config))
 

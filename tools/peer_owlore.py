@@ -172,7 +172,7 @@ class Peer:
                                       cfg.lisa_interval_steps, layer_probabilities_for(cfg, self.model), cfg.seed)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
-        metrics.start_peak_window()
+        metrics.start_peak_window(self.model)
         log.info("peer: %d steps, global batch %d, %d of %d layers every %d steps, GaLore rank %d gap %d",
                  self.total_steps, self.global_batch, self.switcher.num_active, len(self.switcher.layers),
                  cfg.lisa_interval_steps, cfg.galore_rank, cfg.galore_update_proj_gap)
