@@ -13,8 +13,8 @@
   and the peer (tools/peer_owlore.py, the reference pipeline, always one process). All see
   the same data, batches, steps, precision, layer-sampling and GaLore settings; owlore and
   the peer share one OWL ratio file computed here.
-- Per method, from its metrics.jsonl: peak memory (CPU: peak RSS above the RSS before the
-  model was built; GPU: max allocated; largest over ranks), the largest optimizer_state_bytes
+- Per method, from its metrics.jsonl: peak memory (CPU: peak RSS during training above the RSS
+  before the model was built; GPU: max allocated; largest over ranks), the largest optimizer_state_bytes
   of the run, and the median tokens/s and step time of the steps after the first
   --warmup_steps_excluded; each also as a ratio to the peer's. Beside them, the memory
   model's prediction (owlore_ds.memory_model.estimate) where it is available.
@@ -488,8 +488,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"| {_ratio(ratio['step_time_s'])} | {'all' if visited is None else len(visited)} |")
     lines += [
         "",
-        "Peak: on CPU the process's peak resident set above its resident set before the model was built "
-        "(on a GPU, max allocated), largest over ranks. Optimizer state: the largest `optimizer_state_bytes` "
+        "Peak: on CPU the process's peak resident set during training (from the end of setup, every weight "
+        "page read) above its resident set before the model was built (on a GPU, max allocated), largest over ranks. Optimizer state: the largest `optimizer_state_bytes` "
         "of the run (moments, master weights, projectors). tokens/s and step time: median over the steps after "
         f"the first {s['warmup_steps_excluded']}. \"vs peer\": the figure divided by the peer's. Predicted: "
         "`owlore_ds.memory_model.estimate` (n/a where it is unavailable or does not cover the method).",
