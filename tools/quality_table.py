@@ -239,7 +239,9 @@ def render(args: argparse.Namespace, results: dict, baseline: dict, header: dict
         f"`exact match`: greedy generation's first line is the name. Both on {baseline['n']} held-out passages; "
         "mean ± sample standard deviation over seeds, then the range. `loss`: mean training loss over the "
         f"last {LOSS_TAIL} steps. `peak MiB`: largest `peak_memory_bytes` in metrics.jsonl (on CPU the peak "
-        "resident set above the process's pre-model baseline, largest rank); `opt. MiB`: largest "
+        "resident set during training above the process's pre-model baseline, largest rank; at this "
+        "model's size, 22 MiB of fp32 weights, it is mostly the process's own runtime: library pages first "
+        "touched by training, allocator arenas, gloo buffers); `opt. MiB`: largest "
         "`optimizer_state_bytes`; `tokens/s`: median over steps after the first "
         f"{WARMUP_STEPS} (whole global batch, all ranks).",
         "",
