@@ -87,9 +87,18 @@ def _kill_processes_writing(output_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for pid in victims:  # gone once /proc no longer lists them (or they are zombies)
-        while os.path.exists(f"/proc/{pid}") and not open(f"/proc/{pid}/stat").read().split(") ")[1].startswith("Z"):
+    for pid in victims:
+        while _alive(pid):
             time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    """False once `pid` is gone from /proc or a zombie (it may vanish while being read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return not fh.read().split(") ")[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
 
 
 def straight_and_killed_runs(model: Path, data: Path, tmp_path: Path, nproc: int = 2, kill_after: int = 10,
