@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -25,10 +26,13 @@ from owlore_ds.errors import UserInputError
 
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
-# lomo/adalomo runs have no DeepSpeed optimizer whose files would hold the weights, so
-# their checkpoints hold the full weights themselves (loadable on any number of ranks).
-WEIGHTS_FILE = "model.safetensors"
-FUSED_STATE = "fused_state.pt"
+# lomo/adalomo and lisa/owlore/galore run without a DeepSpeed optimizer whose files would
+# hold the weights, so their checkpoints hold the whole weights themselves, as safetensors
+# shards written by every rank and listed in an index (loadable on any number of ranks).
+WEIGHTS_FILE = "model.safetensors"  # one file: checkpoints of earlier versions
+WEIGHTS_INDEX = "model.safetensors.index.json"
+STEP_STATE = "step_state.pt"  # scheduler and optimizer scalars of the families that hold their weights
+SHARD_BYTES = 1 << 30
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -67,10 +71,12 @@ def read_trainer_state(path: str, what: str = "--resume_from_checkpoint") -> dic
         step, world = int(state["global_step"]), int(state["world_size"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise UserInputError(f"{state_file}: corrupt trainer state") from None
-    if state.get("fused"):
-        files = [os.path.join(path, WEIGHTS_FILE), os.path.join(path, FUSED_STATE)]
+    if holds_weights(state):
+        files = weight_files(path) + [os.path.join(path, STEP_STATE)]
+        if "layerwise" in state:
+            files += [_rank_state_file(path, r) for r in range(world)]
         if not all(os.path.isfile(f) for f in files):
-            raise UserInputError(f"{path}: partial checkpoint, {WEIGHTS_FILE} or {FUSED_STATE} is missing")
+            raise UserInputError(f"{path}: partial checkpoint, {os.path.relpath(next(f for f in files if not os.path.isfile(f)), path)} is missing")
     else:
         files = _deepspeed_files(path, step, world, state)
     for file in files:
@@ -87,11 +93,25 @@ def _deepspeed_files(path: str, step: int, world: int, state: dict[str, Any]) ->
     expected_optim = world if state.get("zero_stage", 0) > 0 else 0
     if not os.path.isfile(os.path.join(path, "latest")) or not model_files or len(optim_files) < expected_optim:
         raise UserInputError(f"{path}: partial checkpoint, files of global_step{step} are missing")
-    if "layerwise" in state:
-        optim_files = [_rank_state_file(path, r) for r in range(world)]
-        if not all(os.path.isfile(f) for f in optim_files):
-            raise UserInputError(f"{path}: partial checkpoint, a layerwise_rank*.pt file is missing")
     return model_files + optim_files
+
+
+def holds_weights(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint holds our own weight files rather than DeepSpeed's."""
+    return bool(state.get("fused")) or state.get("weights") == "safetensors"
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint that holds its weights (the index's shards)."""
+    index = os.path.join(path, WEIGHTS_INDEX)
+    if not os.path.isfile(index):
+        return [os.path.join(path, WEIGHTS_FILE)]
+    try:
+        with open(index) as fh:
+            shards = sorted(set(json.load(fh)["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserInputError(f"{index}: corrupt weight index") from None
+    return [index] + [os.path.join(path, shard) for shard in shards]
 
 
 def resolve_resume(cfg: TrainConfig, global_batch: int) -> Optional[str]:
@@ -191,27 +211,18 @@ def load_rank_states(path: str, state: dict[str, Any]) -> list[Optional[dict[str
         raise UserInputError(f"{path}: corrupt checkpoint ({type(exc).__name__} reading the optimizer state)") from None
 
 
-def save(engine, step: int, cfg: TrainConfig, trainer_state: dict[str, Any], model_config, tokenizer,
-         rank_state: Optional[dict[str, Any]] = None,
-         write_model: Optional[Callable[[str], None]] = None) -> str:
-    """Writes OUT/checkpoint-`step` on all ranks; returns its path.
-
-    The model and optimizer go through engine.save_checkpoint, or through `write_model`
-    (called with the folder on every rank) for engines without a DeepSpeed optimizer.
-    """
+def save(step: int, cfg: TrainConfig, trainer_state: dict[str, Any], model_config, tokenizer,
+         write: Callable[[str, int], None]) -> str:
+    """Writes OUT/checkpoint-`step` on all ranks; returns its path. `write(folder, step)` is called
+    on every rank and writes the method's model and optimizer files."""
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = f"{final}.tmp"
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+        os.makedirs(tmp)
     dist.barrier()
-    if write_model is not None:
-        os.makedirs(tmp, exist_ok=True)
-        write_model(tmp)
-    else:
-        engine.save_checkpoint(tmp, tag=f"global_step{step}")
+    write(tmp, step)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{dist.rank()}.pth"))
-    if rank_state is not None:
-        torch.save(rank_state, _rank_state_file(tmp, dist.rank()))
     if dist.is_main():
         model_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -223,6 +234,10 @@ def save(engine, step: int, cfg: TrainConfig, trainer_state: dict[str, Any], mod
         _prune(cfg.output_dir, cfg.save_total_limit)
     dist.barrier()
     return final
+
+
+def save_rank_state(directory: str, rank_state: dict[str, Any]) -> None:
+    torch.save(rank_state, _rank_state_file(directory, dist.rank()))
 
 
 def _prune(output_dir: str, limit: Optional[int]) -> None:
@@ -256,7 +271,7 @@ def universal_tag(path: str, step: int) -> str:
 def needs_universal(state: dict[str, Any], world_size: int) -> bool:
     """ZeRO partitions optimizer state by rank count: another count loads the universal format,
     which must be switched on in the DeepSpeed config before the engine is built."""
-    return state["world_size"] != world_size and state.get("zero_stage", 0) > 0 and not state.get("fused")
+    return state["world_size"] != world_size and state.get("zero_stage", 0) > 0 and not holds_weights(state)
 
 
 def load(engine, path: str, state: dict[str, Any], world_size: int) -> None:
@@ -279,37 +294,96 @@ def restore_rng(path: str) -> None:
         _set_rng_state(torch.load(rng_file, weights_only=False))
 
 
-def save_full_weights(module: torch.nn.Module, directory: str) -> None:
-    """Rank 0 writes every weight, whole, to `directory`/model.safetensors; under ZeRO-3 each
-    tensor is gathered in turn, so no rank ever holds more than one full tensor extra."""
+def save_full_weights(module: torch.nn.Module, directory: str, shard_bytes: int = SHARD_BYTES) -> None:
+    """Every rank writes a share of the whole weights: tensor i goes to rank i % N, into
+    safetensors shards of at most `shard_bytes` (one tensor larger than that gets its own);
+    rank 0 writes the index. Under ZeRO-3 each tensor is gathered in turn, so no rank holds
+    more than one full tensor beyond its shard buffer, and the writing is spread over ranks."""
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
     from safetensors.torch import save_file
 
-    weights = {}
-    for name, p in module.named_parameters():
+    rank, world = dist.rank(), dist.world_size()
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    count = 0
+
+    def flush() -> None:
+        nonlocal shard, count
+        if shard:
+            name = f"model-rank{rank:05d}-{count:05d}.safetensors"
+            save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+            weight_map.update({key: name for key in shard})
+            shard, count = {}, count + 1
+
+    for i, (name, p) in enumerate(module.named_parameters()):
         with GatheredParameters([p], modifier_rank=None):
-            if dist.is_main():
-                weights[name] = p.data.detach().to("cpu", copy=True)
+            if i % world == rank:
+                tensor = p.data.detach().to("cpu", copy=True)
+                if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > shard_bytes:
+                    flush()
+                shard[name] = tensor
+    flush()
+    maps = dist.all_gather_object(weight_map)
     if dist.is_main():
-        save_file(weights, os.path.join(directory, WEIGHTS_FILE))
+        merged = {key: file for part in maps for key, file in part.items()}
+        _write_json(os.path.join(directory, WEIGHTS_INDEX), {"metadata": {}, "weight_map": dict(sorted(merged.items()))})
+
+
+class _WeightReader:
+    """Reads tensors (or flat element ranges of them) by name from a checkpoint's weight files."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.files = {}
+        files = [f for f in weight_files(path) if f.endswith(".safetensors")]
+        try:
+            for file in files:
+                handle = safe_open(file, framework="pt")
+                self.files.update({key: (file, handle) for key in handle.keys()})
+        except Exception as exc:
+            raise UserInputError(f"{file}: corrupt weights ({type(exc).__name__})") from None
+
+    def shape(self, name: str) -> Optional[tuple[int, ...]]:
+        return tuple(self.files[name][1].get_slice(name).get_shape()) if name in self.files else None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.files[name][1].get_tensor(name)
+
+    def flat_range(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened tensor, reading only the rows that hold them."""
+        shape = self.shape(name)
+        if len(shape) < 2:
+            return self.tensor(name).view(-1)[lo:hi]
+        row = math.prod(shape[1:])
+        first, last = lo // row, -(-hi // row)
+        rows = self.files[name][1].get_slice(name)[first:last]
+        return rows.reshape(-1)[lo - first * row : hi - first * row]
+
+
+def read_full_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every weight of a checkpoint that holds its weights (for export)."""
+    reader = _WeightReader(path)
+    return {name: reader.tensor(name) for name in sorted(reader.files)}
 
 
 def load_full_weights(module: torch.nn.Module, path: str) -> None:
-    """Loads `path`/model.safetensors into `module`, one tensor at a time; under ZeRO-3 only
-    rank 0 reads each tensor and DeepSpeed scatters it, so no rank reads the whole file."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-    from safetensors import safe_open
-
-    file = os.path.join(path, WEIGHTS_FILE)
-    try:
-        weights = safe_open(file, framework="pt")
-        names = set(weights.keys())
-    except Exception as exc:
-        raise UserInputError(f"{file}: corrupt weights ({type(exc).__name__})") from None
+    """Loads a checkpoint's weight files into `module`. Under ZeRO-3 each rank reads only its
+    own partition of every tensor (and the whole of those DeepSpeed keeps whole), so no rank
+    reads the whole model and none waits for another."""
+    reader = _WeightReader(path)
+    rank = dist.rank()
     for name, p in module.named_parameters():
         shape = tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
-        if name not in names or tuple(weights.get_slice(name).get_shape()) != shape:
-            raise UserInputError(f"{file}: {name} is missing or has the wrong shape")
-        with GatheredParameters([p], modifier_rank=0):
-            if dist.is_main() or not hasattr(p, "ds_id"):
-                p.data.copy_(weights.get_tensor(name))
+        if reader.shape(name) != shape:
+            raise UserInputError(f"{path}: {name} is missing from the weights or has the wrong shape")
+        if not hasattr(p, "ds_tensor"):
+            p.data.copy_(reader.tensor(name))
+            continue
+        part = p.ds_tensor.view(-1)
+        lo = rank * part.numel()
+        hi = min(lo + part.numel(), p.ds_numel)
+        if hi > lo:
+            part[: hi - lo].copy_(reader.flat_range(name, lo, hi))
+        if p.data.numel() == p.ds_numel:  # also held whole now (1 rank, or gathered)
+            p.data.copy_(reader.tensor(name))

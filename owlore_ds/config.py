@@ -93,6 +93,8 @@ class TrainConfig:
     master_weights: str = field(default="fp32", metadata={
         "help": "with --bf16 in lisa/owlore/galore: fp32 (master copies), none (fp32 moments only) or "
                 "pure_bf16 (bf16 moments, as the reference)"})
+    reduce_dtype: str = field(default="fp32", metadata={
+        "help": "lisa/owlore/galore: dtype of the gradient reduction to owners, fp32 or bf16 (half the traffic)"})
     galore: bool = field(default=False, metadata={"help": "with --method lisa: the reference's switch for owlore"})
     galore_rank: int = 256
     galore_update_proj_gap: int = 100
@@ -149,6 +151,7 @@ class TrainConfig:
         _check_choice("galore_svd", self.galore_svd, ("exact", "randomized"))
         _check_choice("galore_svd_signs", self.galore_svd_signs, ("canonical", "lapack"))
         _check_choice("master_weights", self.master_weights, MASTER_POLICIES)
+        _check_choice("reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
         for name in ("lisa_activated_layers", "lisa_interval_steps", "owl_nsamples", "galore_rank",
                      "galore_update_proj_gap"):
             if getattr(self, name) < 1:

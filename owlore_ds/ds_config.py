@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -103,19 +104,27 @@ def fill(raw: dict[str, Any], cfg: TrainConfig, world_size: int, hidden_size: in
 
 
 def for_layerwise(config: dict[str, Any], source: str) -> dict[str, Any]:
-    """The engine config under the layerwise optimizer, which does ZeRO-1/2's work itself.
+    """The engine config under the layerwise optimizer, which does ZeRO's optimizer work itself.
 
-    DeepSpeed then runs as plain data parallel (stage 0, weights already in their
-    training dtype, no clipping of its own); the trainer also turns off its gradient
-    all-reduce, since the optimizer reduces each gradient to the rank that owns it.
+    DeepSpeed builds no optimizer: ZeRO-1/2 become stage 0 (plain data parallel, weights
+    already in their training dtype, no clipping of its own); ZeRO-3 stays and partitions
+    the weights, fetching them for forward and backward (ds_configs/zero3_offload.json keeps
+    them on the CPU). Gradients go to their owners inside backward (layerwise/comm.py).
     """
-    if zero_stage(config) == 3:
-        raise UserInputError(f"{source}: ZeRO stage 3 is not supported yet by the layer-sampled methods; "
-                             "use ds_configs/zero2.json")
     config = copy.deepcopy(config)
-    config["zero_optimization"] = {"stage": 0}
-    config["bf16"] = {"enabled": False}
+    if offloads_optimizer(config):
+        # The state of inactive layers is what grows; --inactive_state offload moves it to the CPU.
+        logging.getLogger("owlore_ds").warning(
+            "%s: offload_optimizer does not apply to the layer-sampled methods (they keep only the active "
+            "layers' state); use --inactive_state offload to keep inactive layers' state on the CPU", source)
+        del config["zero_optimization"]["offload_optimizer"]
     config["gradient_clipping"] = 0.0
+    if zero_stage(config) < 3:
+        bucket = config.get("zero_optimization", {}).get("reduce_bucket_size")
+        config["zero_optimization"] = {"stage": 0}
+        if bucket is not None:
+            config["zero_optimization"]["reduce_bucket_size"] = bucket
+        config["bf16"] = {"enabled": False}
     return config
 
 

@@ -11,20 +11,18 @@ from typing import Optional
 
 import torch
 
-from owlore_ds.checkpoint import TRAINER_STATE, WEIGHTS_FILE, read_trainer_state
+from owlore_ds.checkpoint import TRAINER_STATE, holds_weights, read_full_weights, read_trainer_state
 from owlore_ds.errors import UserInputError
 from owlore_ds.lora import add_adapters, merged
 from owlore_ds.modeling import DTYPES
 
 
 def consolidated_state_dict(checkpoint: str, state: dict) -> dict[str, torch.Tensor]:
-    """fp32 weights from the full weights (lomo/adalomo), the fp32 master partitions (ZeRO)
-    or the saved module (stage 0)."""
+    """fp32 weights from the checkpoint's own weight files (lomo/adalomo, lisa/owlore/galore),
+    the fp32 master partitions (ZeRO) or the saved module (stage 0)."""
     tag = f"global_step{state['global_step']}"
-    if state.get("fused"):
-        from safetensors.torch import load_file
-
-        weights = load_file(os.path.join(checkpoint, WEIGHTS_FILE))
+    if holds_weights(state):
+        weights = read_full_weights(checkpoint)
     elif state.get("zero_stage", 0) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

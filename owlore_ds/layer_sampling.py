@@ -47,24 +47,48 @@ def split_parameters(model: torch.nn.Module, freeze_embeddings: bool) -> tuple[l
     return per_layer, always
 
 
+def _gathered(params: list[torch.nn.Parameter]):
+    """Makes ZeRO-3 partitioned parameters whole on every rank for a moment (a no-op for others)."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    return GatheredParameters(params, modifier_rank=None)
+
+
+def _sum_over_ranks(tensor: torch.Tensor) -> None:
+    if dist.world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+
+
 def outlier_ratios(cfg: TrainConfig, model: torch.nn.Module, data: TokenizedData) -> list[float]:
-    """The OWL ratios for this model: from --outlier_ratios, OUT's cache, or computed now (rank 0) and cached."""
+    """The OWL ratios for this model: from --outlier_ratios, OUT's cache, or computed now and cached.
+
+    Computed by every rank together: each runs its share of the calibration windows
+    through the model one layer at a time (under ZeRO-3 each layer is gathered in turn)
+    and the activation energies are summed over ranks, so no rank waits on another.
+    """
     path = cfg.outlier_ratios or os.path.join(cfg.output_dir, RATIOS_FILE)
     # Rank 0 decides: another rank could see the file appear while rank 0 writes it.
     if dist.broadcast_object(cfg.outlier_ratios is None and not os.path.isfile(path)):
-        if dist.is_main():
-            seqlen = cfg.owl_seqlen or cfg.block_size
-            windows = calibration_windows(data, cfg.owl_nsamples, seqlen, cfg.seed, sequential=False)
-            log.info("computing outlier ratios on %d windows of %d tokens", windows.shape[0], seqlen)
-            from deepspeed.accelerator import get_accelerator
+        from deepspeed.accelerator import get_accelerator
 
-            # One layer at a time on the accelerator: minutes for a 7B model, not hours on the CPU.
-            ratios = compute_layer_outlier_ratios(model, windows, cfg.owl_threshold_m,
-                                                  device=get_accelerator().current_device_name())
-            save_ratios(path, ratios, model_fingerprint(model), cfg.owl_threshold_m, windows.shape[0], seqlen)
+        seqlen = cfg.owl_seqlen or cfg.block_size
+        windows = calibration_windows(data, cfg.owl_nsamples, seqlen, cfg.seed, sequential=False)
+        mine = windows[dist.rank() :: dist.world_size()]
+        log.info("computing outlier ratios on %d windows of %d tokens (%d on this rank)", windows.shape[0], seqlen,
+                 mine.shape[0])
+        partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+        # Replicated weights: one layer at a time on the accelerator (minutes for 7B, not hours
+        # on the CPU). Partitioned ones are gathered onto it by DeepSpeed.
+        device = None if partitioned else get_accelerator().current_device_name()
+        ratios = compute_layer_outlier_ratios(model, mine, cfg.owl_threshold_m, device=device,
+                                              nsamples=windows.shape[0], sum_over_ranks=_sum_over_ranks,
+                                              gathered=_gathered)
+        fingerprint = model_fingerprint(model, _gathered)
+        if dist.is_main():
+            save_ratios(path, ratios, fingerprint, cfg.owl_threshold_m, windows.shape[0], seqlen)
         dist.barrier()
     try:
-        return load_ratios(path, model)
+        return load_ratios(path, model, _gathered)
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
 

@@ -306,7 +306,7 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
              micro_batch_size: int = 1, block_size: int = 512, gradient_checkpointing: bool = True,
              lisa_activated_layers: int = 2, galore_rank: int = 256, master_weights: str = "fp32",
              freeze_embeddings: bool = False, lora_r: int = 8, lora_target_modules: tuple = ("q_proj", "v_proj"),
-             offload: bool = False, device: str = "cuda") -> MemoryEstimate:
+             offload: bool = False, device: str = "cuda", reduce_dtype: str = "fp32") -> MemoryEstimate:
     """Per-device bytes of one training run of `method` on a Hugging Face decoder `config`.
 
     `device` ("cuda" or "cpu") decides the two things that differ between them: torch
@@ -316,18 +316,20 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
     """
     _check(method, world_size, zero_stage, precision, micro_batch_size, block_size, master_weights, galore_rank,
            lisa_activated_layers, lora_r, device)
+    if reduce_dtype not in PRECISIONS:
+        raise UserInputError(f"--reduce_dtype {reduce_dtype!r}: expected fp32 or bf16")
     s = _shapes(config)
     if method in LAYERWISE:
         result = _layerwise(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
                             gradient_checkpointing, lisa_activated_layers, galore_rank, master_weights,
-                            freeze_embeddings, device)
+                            freeze_embeddings, device, PRECISIONS[reduce_dtype])
     elif method in ("lomo", "adalomo"):
         result = _lomo(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
                        gradient_checkpointing, device)
     else:
         result = _deepspeed_adamw(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
                                   gradient_checkpointing, lora_r, tuple(lora_target_modules), offload, device)
-    if device == "cpu" and zero_stage == 3 and method not in LAYERWISE:
+    if device == "cpu" and zero_stage == 3:
         # Loading on CPU under zero.Init (HfDeepSpeedConfig): from_pretrained copies each
         # tensor of the memory-mapped checkpoint into this rank's partition, and the file's
         # pages stay resident until the state dict is dropped. A GPU holds only the partitions.
@@ -424,35 +426,89 @@ def _deepspeed_adamw(s: _Shapes, method: str, n: int, stage: int, precision: str
     return est
 
 
-def _layerwise_owners(sizes: dict[str, int], world: int) -> dict[str, int]:
-    """layerwise.LayerwiseOptimizer._assign_owners for a fresh interval: largest first to the
-    least-loaded rank, ties by name and by rank."""
-    load = [0] * world
-    owners = {}
-    for name in sorted(sizes, key=lambda k: (-sizes[k], k)):
-        owner = min(range(world), key=lambda r: (load[r], r))
-        owners[name] = owner
-        load[owner] += sizes[name]
-    return owners
+def _tensor_numels(s: _Shapes) -> list[int]:
+    numels = [math.prod(shape) for _ in range(s.layers) for _, shape in s.layer_tensors()]
+    return numels + [math.prod(shape) for _, shape in s.embedding_tensors()] + [s.hidden]
+
+
+def _weights_per_rank(s: _Shapes, world_size: int, zero_stage: int, dtype_bytes: int) -> int:
+    if zero_stage < 3:
+        return dtype_bytes * s.total_params()
+    return dtype_bytes * sum(math.ceil(n / world_size) for n in _tensor_numels(s))
+
+
+def layerwise_weight_bytes(config: Any, world_size: int, zero_stage: int, dtype_bytes: int) -> int:
+    """Weight bytes one rank holds between steps under the layerwise optimizer: the whole model
+    (stage 0), or under ZeRO-3 its partition of every tensor (ceil(numel / N)). What DeepSpeed
+    gathers for forward and backward (the small persistent tensors too) is released after each
+    backward and counted as comm_buffers."""
+    return _weights_per_rank(_shapes(config), world_size, zero_stage, dtype_bytes)
+
+
+def _layerwise_plan(s: _Shapes, n: int, active: int, freeze_embeddings: bool):
+    """The owners of a fresh interval's items, from layerwise/plan.py itself: (shapes of the
+    active layer tensors, their owners, numels of the always-trained tensors)."""
+    from owlore_ds.layerwise.plan import assign_owners
+
+    sizes, shapes = {}, {}
+    for layer in range(active):
+        for name, shape in s.layer_tensors():
+            key = f"model.layers.{layer}.{name}"
+            sizes[key], shapes[key] = math.prod(shape), shape
+    always = [] if freeze_embeddings else [math.prod(shape) for _, shape in s.embedding_tensors()]
+    always.append(s.hidden)  # the final norm
+    return shapes, assign_owners(sizes, n), always
+
+
+def _owned_numels(s: _Shapes, n: int, active: int, freeze_embeddings: bool) -> list[int]:
+    from owlore_ds.layerwise.plan import chunk_bounds
+
+    shapes, owners, always = _layerwise_plan(s, n, active, freeze_embeddings)
+    owned = [0] * n
+    for key, owner in owners.items():
+        owned[owner] += math.prod(shapes[key])
+    for numel in always:
+        for r, (lo, hi) in enumerate(chunk_bounds(numel, n)):
+            owned[r] += hi - lo
+    return owned
+
+
+def _gradients_in_flight(n: int, bucket_elements: int, reduce_bytes: int) -> int:
+    """The reducer's buckets (layerwise/comm.py): one filling while the previous one is reduced,
+    each at most `bucket_elements` (larger gradients are cut into pieces)."""
+    return 0 if n == 1 else 2 * reduce_bytes * bucket_elements
+
+
+def layerwise_gradient_bytes(config: Any, world_size: int, active_layers: int, bucket_elements: int,
+                             reduce_bytes: int = FP32, freeze_embeddings: bool = False) -> tuple[int, int, int]:
+    """Gradient bytes a rank holds between backward and the step under the layerwise optimizer:
+    (the largest owned share, in fp32 accumulators; the most the buckets in flight add; what
+    keeping every trained tensor's fp32 gradient, as before reduction-in-backward, would be)."""
+    s = _shapes(config)
+    owned = max(_owned_numels(s, world_size, active_layers, freeze_embeddings))
+    trained = active_layers * s.layer_params() + (0 if freeze_embeddings else s.embedding_params()) + s.hidden
+    return FP32 * owned, _gradients_in_flight(world_size, bucket_elements, reduce_bytes), FP32 * trained
 
 
 def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micro: int, block: int,
                checkpointing: bool, gamma: int, galore_rank: int, master_weights: str, freeze_embeddings: bool,
-               device: str) -> MemoryEstimate:
-    """lisa, galore, owlore: owlore_ds/layerwise.py under DeepSpeed stage 0 (weights replicated).
+               device: str, reduce_bytes: int = FP32) -> MemoryEstimate:
+    """lisa, galore, owlore: owlore_ds/layerwise/ at DeepSpeed stage 0 (weights replicated) or 3.
 
-    Per rank: the owned items' state (LayerwiseOptimizer.state_bytes: fp32 master when the
-    weights are bf16 and --master_weights fp32, AdamW moments or GaLore moments+projector),
-    the .grad of every trained tensor in the model dtype until the step ends, and at the step
-    the fp32 copies of the owned gradients on several ranks (one item's at a time on one
-    rank; bf16 only: for fp32 .float() is the same tensor).
+    Per rank: the weights (all, or the ZeRO-3 partitions),
+    the owned items' state (LayerwiseOptimizer.state_bytes: fp32 master when the weights are
+    bf16 and --master_weights fp32, AdamW moments or GaLore moments+projector), the owned
+    share of the gradients in fp32 accumulators plus the reduction buckets in flight (each
+    gradient is reduced to its owner inside backward and dropped), and under ZeRO-3 the
+    parameters DeepSpeed keeps gathered through forward and backward.
     """
     from owlore_ds.galore import optimizer_state_bytes_for_shape
+    from owlore_ds.layerwise.plan import chunk_bounds
 
     w = PRECISIONS[precision]
     est = MemoryEstimate()
-    if stage == 3:
-        est.notes.append("ZeRO-3 is refused by the layer-sampled methods today; shown with weights replicated")
+    if stage in (1, 2):
+        est.notes.append(f"ZeRO-{stage} runs as stage 0 (ds_config.for_layerwise): weights replicated")
     active = s.layers if method == "galore" else min(gamma, s.layers)
     low_rank = method in ("galore", "owlore")
     master = w != FP32 and master_weights == "fp32"
@@ -467,27 +523,17 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
             return base + optimizer_state_bytes_for_shape(shape, galore_rank, "std", dtype_bytes=state_bytes)
         return base + 2 * state_bytes * numel
 
-    # Layer tensors of the active layers, owned whole (names only need to sort as the real ones do).
-    sizes, shapes = {}, {}
-    for layer in range(active):
-        for name, shape in s.layer_tensors():
-            key = f"model.layers.{layer}.{name}"
-            sizes[key], shapes[key] = math.prod(shape), shape
-    owners = _layerwise_owners(sizes, n)
+    shapes, owners, always = _layerwise_plan(s, n, active, freeze_embeddings)
     per_rank = [0] * n
     owned_numel = [0] * n
     largest_item = [(0, ())] * n
     for key, owner in owners.items():
         per_rank[owner] += item_state(shapes[key])
-        owned_numel[owner] += sizes[key]
-        largest_item[owner] = max(largest_item[owner], (sizes[key], shapes[key]))
-    # Always-trained tensors are cut into ceil(numel/N) flat chunks, chunk r on rank r.
-    always = [] if freeze_embeddings else [math.prod(shape) for _, shape in s.embedding_tensors()]
-    always.append(s.hidden)  # the final norm
-    for numel in always:
-        chunk = math.ceil(numel / n)
-        for r in range(n):
-            c = max(0, min(chunk, numel - r * chunk))
+        owned_numel[owner] += math.prod(shapes[key])
+        largest_item[owner] = max(largest_item[owner], (math.prod(shapes[key]), shapes[key]))
+    for numel in always:  # always-trained tensors: chunk r (ZeRO-3's partition) on rank r
+        for r, (lo, hi) in enumerate(chunk_bounds(numel, n)):
+            c = hi - lo
             per_rank[r] += c * (2 * state_bytes + (FP32 if master else 0))
             owned_numel[r] += c
             largest_item[r] = max(largest_item[r], (c, (c,)))
@@ -496,34 +542,36 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     est.master_weights = FP32 * owned_numel[heaviest] if master else 0
     est.optimizer_state = per_rank[heaviest] - est.master_weights
 
-    est.weights = s.total_params() * w
-    trained = active * s.layer_params() + sum(always)
-    # On several ranks each owned gradient is reduced into an fp32 copy held until the step
-    # ends; on one rank the bf16 .grad is made fp32 one item at a time (in the workspace).
-    fp32_grad_copies = FP32 * owned_numel[heaviest] if w != FP32 and n > 1 else 0
-    est.gradients = trained * w + fp32_grad_copies
+    est.weights = _weights_per_rank(s, n, stage, w)
+    # Owned share in fp32 accumulators (on one rank an fp32 gradient is kept as it is), the
+    # buckets in flight, and the one gradient autograd has made and the hook not yet taken.
+    in_flight = _gradients_in_flight(n, _reduce_bucket(s), reduce_bytes)
+    largest_trained = max(math.prod(shape) for shape in shapes.values()) if shapes else 0
+    largest_trained = max([largest_trained] + always)
+    est.gradients = FP32 * max(owned_numel) + in_flight + w * largest_trained
     # The update of one item at a time: AdamW's one temporary (sqrt, then divided and
     # shifted in place), plus with bf16 weights not pure_bf16 the fp32 copy of the weights
-    # (without a master) and on one rank the fp32 copy of the item's gradient; GaLore: the
-    # full-size update projected back, and at a projector refresh the SVD of the matrix.
+    # (without a master); GaLore: the full-size update projected back, and at a projector
+    # refresh the SVD of the matrix. Under ZeRO-3 the owner gathers a whole matrix (the
+    # partitions and their concatenation) and scatters it back (padded copy and partition).
     numel, shape = max(largest_item[r] for r in range(n))
     workspace = state_bytes * numel
     workspace += FP32 * numel if w != FP32 and not master and not pure else 0
-    workspace += FP32 * numel if w != FP32 and n == 1 and not pure else 0
     if low_rank:
         matrices = [shapes[k] for k in shapes if len(shapes[k]) == 2]
         if matrices:
             workspace = max(workspace, max(_galore_workspace(m, galore_rank, w != FP32 and not master, state_bytes)
                                            for m in matrices))
+    if stage == 3:
+        workspace += 3 * w * max(math.prod(shape) for shape in shapes.values()) if shapes else 0
     est.step_workspace = workspace
     acts, which = _activations(s, micro, block, w, checkpointing, trainable_layers=active,
                                lm_head_trained=not freeze_embeddings)
     est.activations = acts
-    # Gradients are reduced to their owner with torch.distributed.reduce, in place on .grad.
-    est.comm_buffers = 0
+    est.comm_buffers = _zero3_gathered(s, w) if stage == 3 and n > 1 else 0
     state = est.master_weights + est.optimizer_state
-    backward = est.weights + state + acts
-    step = est.weights + state + est.gradients + est.step_workspace
+    backward = est.weights + state + est.gradients + est.comm_buffers + acts
+    step = est.weights + state + FP32 * owned_numel[heaviest] + est.step_workspace
     est.peak, est.peak_phase = max((backward, f"backward: {which}"), (step, "step"))
     return est
 

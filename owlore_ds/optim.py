@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from transformers import get_scheduler
 
@@ -16,13 +18,18 @@ def _adam_kwargs(cfg: TrainConfig) -> dict:
                 weight_decay=cfg.weight_decay)
 
 
-def build_layerwise_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> LayerwiseOptimizer:
+def build_layerwise_optimizer(model: torch.nn.Module, cfg: TrainConfig, zero3: bool = False,
+                              device: Optional[torch.device] = None, bucket_elements: int = 1 << 24) -> LayerwiseOptimizer:
+    """The optimizer of lisa/owlore/galore; gradients reduced to owners in buckets of `bucket_elements`
+    (DeepSpeed's reduce_bucket_size) in the --reduce_dtype."""
     layers, always = split_parameters(model, cfg.freeze_embeddings)
     settings = (GaloreSettings(cfg.galore_rank, cfg.galore_update_proj_gap, cfg.galore_scale, cfg.galore_proj_type,
                               cfg.galore_svd, cfg.galore_svd_signs == "canonical", cfg.galore_spread_refreshes)
                 if cfg.low_rank else None)
     return LayerwiseOptimizer(layers, always, max_grad_norm=cfg.max_grad_norm, inactive_state=cfg.inactive_state,
-                              galore_settings=settings, master_weights=cfg.master_weights,
+                              galore_settings=settings, master_weights=cfg.master_weights, zero3=zero3,
+                              device=device, reduce_dtype=cfg.reduce_dtype,
+                              bucket_bytes=bucket_elements * (4 if cfg.reduce_dtype == "fp32" else 2),
                               **_adam_kwargs(cfg))
 
 
@@ -34,9 +41,7 @@ def build_fused_optimizer(model: torch.nn.Module, cfg: TrainConfig, zero3: bool,
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload: bool) -> torch.optim.Optimizer:
-    """The optimizer handed to deepspeed.initialize (lomo/adalomo have none: see build_fused_optimizer)."""
-    if cfg.layerwise:
-        return build_layerwise_optimizer(model, cfg)
+    """The optimizer handed to deepspeed.initialize by full and lora."""
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = _adam_kwargs(cfg)
     if offload:
@@ -70,8 +75,6 @@ def held_state_bytes(optimizer, weights: set[int], device_type: str) -> tuple[in
     a ZeRO optimizer), each storage once. `optimizer` may be a DeepSpeed wrapper;
     `weights` comes from `model_storages`, computed once.
     """
-    if hasattr(optimizer, "state_bytes"):  # the layerwise optimizer reports what it holds itself
-        return optimizer.state_bytes()
     inner = getattr(optimizer, "optimizer", optimizer)
     seen: set[int] = set()
     on_device = elsewhere = 0

@@ -13,12 +13,13 @@ Ratios are cached as JSON together with a fingerprint of the model, so a file
 made for another model (even one with the same shape) is refused on load.
 """
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
@@ -50,6 +51,14 @@ def _to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to(v, device) for v in obj)
     return obj
+
+
+Gathered = Callable[[list[nn.Parameter]], ContextManager]
+
+
+def _whole(params: Iterable[nn.Parameter]) -> ContextManager:
+    """The default `gathered`: weights are whole already (not ZeRO-3 partitioned)."""
+    return contextlib.nullcontext()
 
 
 class _StopForward(ValueError):
@@ -131,11 +140,24 @@ def _layer_ratio(
     nsamples: int,
     threshold_m: float,
     device: torch.device | None,
+    sum_over_ranks: Optional[Callable[[torch.Tensor], None]] = None,
+    gathered: Gathered = _whole,
 ) -> float:
-    """Runs one layer over all batches (replacing `hidden` in place by its outputs) and returns D_l."""
+    """Runs one layer over all batches (replacing `hidden` in place by its outputs) and returns D_l.
+
+    With `sum_over_ranks`, each rank ran its own share of the windows and the energies
+    are summed over ranks before scoring, so every rank returns the same D_l."""
     linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(layer).__name__} has no nn.Linear to score")
+    with gathered(list(layer.parameters())):
+        return _gathered_layer_ratio(layer, linears, hidden, layer_kwargs, nsamples, threshold_m, device,
+                                     sum_over_ranks)
+
+
+def _gathered_layer_ratio(layer: nn.Module, linears: list[nn.Linear], hidden: list[torch.Tensor],
+                          layer_kwargs: list[dict], nsamples: int, threshold_m: float, device: torch.device | None,
+                          sum_over_ranks: Optional[Callable[[torch.Tensor], None]]) -> float:
     home = _module_device(layer)
     if device is not None:
         layer.to(device)
@@ -158,6 +180,9 @@ def _layer_ratio(
             if isinstance(out, (tuple, list)):  # older layer classes return (hidden, attn, ...)
                 out = out[0]
             hidden[b] = out.to(hidden[b].device)
+        if sum_over_ranks is not None:
+            for m in linears:
+                sum_over_ranks(energy[m])
 
         def scores(m: nn.Linear) -> torch.Tensor:
             s = (energy[m] / nsamples).float()
@@ -184,17 +209,24 @@ def compute_layer_outlier_ratios(
     threshold_m: float,
     batch_size: int = 1,
     device: torch.device | str | None = None,
+    nsamples: Optional[int] = None,
+    sum_over_ranks: Optional[Callable[[torch.Tensor], None]] = None,
+    gathered: Gathered = _whole,
 ) -> list[float]:
     """D_l (percent) for every decoder layer at model.model.layers.
 
     calibration_ids: [nsamples, seqlen] token windows (no padding).
+    Split over ranks: each rank passes its share of the windows, `nsamples` the total,
+    `sum_over_ranks` an in-place sum over ranks, and under ZeRO-3 `gathered` (DeepSpeed's
+    GatheredParameters) makes one layer's weights whole at a time: every rank works on
+    its windows and the model never has to fit on one device.
     device: if given, each layer is moved there only while it is scored (and the
     embeddings/rotary module for the capture pass), so a model that does not fit
     on the accelerator can still be scored; everything is moved back afterwards.
     The captured hidden states of all samples live on `device` (or the
     embedding's device): nsamples * seqlen * hidden_size values in model dtype.
     """
-    if calibration_ids.dim() != 2 or calibration_ids.shape[0] == 0:
+    if calibration_ids.dim() != 2 or (calibration_ids.shape[0] == 0 and sum_over_ranks is None):
         raise ValueError(f"calibration_ids must be [nsamples, seqlen], got shape {tuple(calibration_ids.shape)}")
     if not threshold_m > 0:
         raise ValueError(f"threshold_m must be > 0, got {threshold_m}")
@@ -202,7 +234,7 @@ def compute_layer_outlier_ratios(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     decoder = _decoder(model)
     device = torch.device(device) if device is not None else None
-    nsamples = calibration_ids.shape[0]
+    nsamples = nsamples or calibration_ids.shape[0]
 
     training = {m: m.training for m in model.modules()}
     model.eval()
@@ -217,9 +249,12 @@ def compute_layer_outlier_ratios(
                 child.to(device)
     try:
         capture_device = device if device is not None else _module_device(model.get_input_embeddings())
-        hidden, kwargs = _capture_layer_inputs(decoder, calibration_ids, batch_size, capture_device)
+        outside = [p for name, child in decoder.named_children() if name != "layers" for p in child.parameters()]
+        with gathered(outside):
+            hidden, kwargs = _capture_layer_inputs(decoder, calibration_ids, batch_size, capture_device)
         return [
-            _layer_ratio(layer, hidden, [kw[i] for kw in kwargs], nsamples, threshold_m, device)
+            _layer_ratio(layer, hidden, [kw[i] for kw in kwargs], nsamples, threshold_m, device, sum_over_ranks,
+                         gathered)
             for i, layer in enumerate(decoder.layers)
         ]
     finally:
@@ -236,7 +271,7 @@ def _first_linear(layer: nn.Module) -> nn.Linear:
     raise ValueError(f"{type(layer).__name__} has no nn.Linear")
 
 
-def model_fingerprint(model: nn.Module) -> dict:
+def model_fingerprint(model: nn.Module, gathered: Gathered = _whole) -> dict:
     """Architecture, size and a short hash of a few weights.
 
     Hashed: embeddings and the first Linear of the first and last layer, every
@@ -249,11 +284,8 @@ def model_fingerprint(model: nn.Module) -> dict:
     layers = _decoder(model).layers
     h = hashlib.sha256()
     for w in (model.get_input_embeddings().weight, _first_linear(layers[0]).weight, _first_linear(layers[-1]).weight):
-        if w.numel() == 0:
-            raise ValueError("model weights are empty (ZeRO-3 partitioned?); fingerprint the full model")
-        rows = w.detach()[:: max(1, w.shape[0] // 256)]
-        h.update(str(tuple(w.shape)).encode())
-        h.update(rows.to("cpu", torch.bfloat16).float().contiguous().numpy().tobytes())
+        with gathered([w]):
+            _hash_rows(h, w)
     return {
         "model_type": getattr(config, "model_type", None),
         "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
@@ -261,6 +293,14 @@ def model_fingerprint(model: nn.Module) -> dict:
         "hidden_size": getattr(config, "hidden_size", None),
         "weights_sha256": h.hexdigest()[:16],
     }
+
+
+def _hash_rows(h: Any, w: torch.Tensor) -> None:
+    if w.numel() == 0:
+        raise ValueError("model weights are empty (ZeRO-3 partitioned?); pass `gathered` to fingerprint them")
+    rows = w.detach()[:: max(1, w.shape[0] // 256)]
+    h.update(str(tuple(w.shape)).encode())
+    h.update(rows.to("cpu", torch.bfloat16).float().contiguous().numpy().tobytes())
 
 
 def save_ratios(
@@ -299,7 +339,7 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def load_ratios(path: str | os.PathLike, model: nn.Module) -> list[float]:
+def load_ratios(path: str | os.PathLike, model: nn.Module, gathered: Gathered = _whole) -> list[float]:
     """Reads a ratio file and checks it was made for `model`; ValueError naming the file otherwise."""
     path = os.fspath(path)
     try:
@@ -318,7 +358,7 @@ def load_ratios(path: str | os.PathLike, model: nn.Module) -> list[float]:
     if not isinstance(data["fingerprint"], dict):
         raise ValueError(f"outlier ratio file {path}: 'fingerprint' must be an object")
 
-    expected = model_fingerprint(model)
+    expected = model_fingerprint(model, gathered)
     if len(ratios) != expected["num_layers"]:
         raise ValueError(
             f"outlier ratio file {path}: has {len(ratios)} layer ratios but the model has {expected['num_layers']} layers"

@@ -15,13 +15,11 @@ from typing import Any, Optional
 
 import torch
 
-from owlore_ds import checkpoint, distributed as dist, ds_config, metrics
+from owlore_ds import checkpoint, distributed as dist, ds_config, methods, metrics
 from owlore_ds.config import TrainConfig
 from owlore_ds.data import GlobalBatches, TokenizedData, load_training_data
-from owlore_ds.layer_sampling import ActiveLayers, outlier_ratios
-from owlore_ds.modeling import causal_lm_loss_sum, check_block_size, load_model, load_tokenizer, read_model_config
-from owlore_ds.lora import add_adapters, lora_settings
-from owlore_ds.optim import build_fused_optimizer, build_optimizer, build_scheduler, held_state_bytes, model_storages
+from owlore_ds.layer_sampling import outlier_ratios
+from owlore_ds.modeling import check_block_size, load_model, load_tokenizer, read_model_config
 
 log = logging.getLogger("owlore_ds")
 
@@ -35,7 +33,6 @@ class Trainer:
         self.world = dist.world_size()
         self.rank = dist.rank()
         self.device = torch.device(get_accelerator().current_device_name())
-        self.device_type = get_accelerator().device_name()
 
         # Everything that can fail on bad input is checked before OUT is touched.
         self.model_config = read_model_config(cfg.model_name_or_path)
@@ -51,13 +48,9 @@ class Trainer:
         self.total_steps = cfg.total_steps(self.batches.steps_per_epoch)
         self.resume_path = checkpoint.resolve_resume(cfg, self.global_batch)
         self.resume_state = checkpoint.read_trainer_state(self.resume_path) if self.resume_path else None
-        if self.resume_state and checkpoint.needs_universal(self.resume_state, self.world):
-            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        source = cfg.deepspeed or "the default DeepSpeed config"
-        if cfg.layerwise:
-            self.ds_config = ds_config.for_layerwise(self.ds_config, source)
-        elif cfg.fused:
-            self.ds_config = ds_config.for_fused(self.ds_config, source, cfg.method)
+        family = methods.family(cfg)
+        self.ds_config = family.engine_config(self.ds_config, cfg, cfg.deepspeed or "the default DeepSpeed config",
+                                              self.resume_state)
 
         self.memory_baseline = metrics.memory_baseline_bytes()
         deepspeed.runtime.utils.set_random_seed(cfg.seed)
@@ -66,88 +59,21 @@ class Trainer:
 
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         model = load_model(cfg.model_name_or_path, cfg.precision, cfg.gradient_checkpointing)
-        if cfg.method == "lora":
-            model = add_adapters(model, lora_settings(cfg))
         ratios = None
         if cfg.layerwise and cfg.method != "galore" and cfg.prob_mode in ("owl", "owl_reverse"):
             ratios = outlier_ratios(cfg, model, self.data)
-        if cfg.fused:
-            self.engine, self.optimizer, self.scheduler = self._fused_engine(deepspeed, model)
-        else:
-            optimizer = build_optimizer(model, cfg, offload=ds_config.offloads_optimizer(self.ds_config))
-            scheduler = build_scheduler(optimizer, cfg, self.total_steps)
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
-        self.weight_storages = model_storages(self.engine.module)  # excluded from optimizer_state_bytes
-        self.active_layers: Optional[ActiveLayers] = None
-        if cfg.layerwise:
-            self.engine.enable_backward_allreduce = False  # the layerwise optimizer reduces to owners
-            self.active_layers = ActiveLayers(cfg, optimizer, ratios)
+        self.method = family(cfg, self.world, self.device)
+        self.method.build(model, self.ds_config, self.total_steps, ratios)
         self.step = 0
         if self.resume_path:
-            if cfg.fused:
-                self._load_fused(self.resume_path)
-            else:
-                checkpoint.load(self.engine, self.resume_path, self.resume_state, self.world)
-            if self.active_layers:
-                self.active_layers.restore(self.resume_state["layerwise"],
-                                           checkpoint.load_rank_states(self.resume_path, self.resume_state))
+            self.method.load(self.resume_path, self.resume_state)
             self.step = int(self.resume_state["global_step"])
             log.info("resumed from %s at step %d", self.resume_path, self.step)
-        metrics.start_peak_window(self.engine.module)
+        metrics.start_peak_window(self.method.engine.module)
         log.info("%d rank(s), global batch %d, %d steps, method %s, ZeRO stage %d", self.world, self.global_batch,
                  self.total_steps, cfg.method, ds_config.zero_stage(self.ds_config))
 
-    # ------------------------------------------------------------------ lomo / adalomo
-
-    def _fused_engine(self, deepspeed, model):
-        """An engine with no DeepSpeed optimizer, and the fused update on its module.
-
-        DeepSpeed 0.19's engine.forward/backward/step assume an optimizer (its backward
-        hooks call into one), so these methods run the module directly: the engine still
-        partitions the weights under ZeRO-3 and fetches them in forward and backward, and
-        after each backward the parameters its hooks missed are released, as its own
-        optimizer would do.
-        """
-        engine, _, _, _ = deepspeed.initialize(model=model, config=self.ds_config)
-        zero3 = ds_config.zero_stage(self.ds_config) == 3
-
-        def release_gathered() -> None:
-            engine.optimizer.get_param_coordinator().release_and_reset_all(engine.module)
-
-        optimizer = build_fused_optimizer(engine.module, self.cfg, zero3, self.device,
-                                          after_backward=release_gathered if zero3 else None)
-        return engine, optimizer, build_scheduler(optimizer, self.cfg, self.total_steps)
-
-    def _save_fused(self, directory: str) -> None:
-        checkpoint.save_full_weights(self.engine.module, directory)
-        if dist.is_main():
-            torch.save({"optimizer": self.optimizer.checkpoint_state(), "scheduler": self.scheduler.state_dict()},
-                       os.path.join(directory, checkpoint.FUSED_STATE))
-
-    def _load_fused(self, path: str) -> None:
-        checkpoint.load_full_weights(self.engine.module, path)
-        saved = torch.load(os.path.join(path, checkpoint.FUSED_STATE), map_location="cpu", weights_only=True)
-        self.optimizer.load_checkpoint_state(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        checkpoint.restore_rng(path)
-
-    def _fused_step(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        """One lomo/adalomo step: with clipping, LOMO's extra forward and backward that only measure the norm."""
-        if self.cfg.max_grad_norm > 0:
-            self.optimizer.measure_norm(self._loss(batch) * scale)
-        loss = self._loss(batch)
-        self.optimizer.fused_backward(loss * scale)
-        self.optimizer.step()  # a no-op that keeps the scheduler's order check quiet
-        self.scheduler.step()
-        return loss
-
     # ------------------------------------------------------------------ one step
-
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        forward = self.engine.module if self.cfg.fused else self.engine  # see _fused_engine
-        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return causal_lm_loss_sum(logits, batch["labels"])
 
     def _micro_batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"input_ids": self.data.input_ids[rows].to(self.device),
@@ -157,30 +83,19 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
         start = time.perf_counter()
-        if self.active_layers:
-            self.active_layers.before_step(self.step)
+        self.method.begin_step(self.step)
         rows = self.batches.rows(self.step)
         targets = self.data.target_count(rows)
-        # DeepSpeed divides by the accumulation steps and averages over ranks; undo both
-        # so that the summed gradient is that of the global-batch mean.
-        scale = self.world * cfg.gradient_accumulation_steps / targets
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-        loss_sum = 0.0
+        lr = self.method.scheduler.get_last_lr()[0]  # the rate this step's update uses
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro_step in range(cfg.gradient_accumulation_steps):
             micro = GlobalBatches.micro_rows(rows, micro_step, self.rank, self.world, cfg.per_device_train_batch_size)
-            batch = self._micro_batch(micro)
-            if cfg.fused:
-                micro_loss = self._fused_step(batch, scale)
-            else:
-                micro_loss = self._loss(batch)
-                self.engine.backward(micro_loss * scale)
-                self.engine.step()
-            loss_sum += micro_loss.item()
+            loss_sum += self.method.micro_step(self._micro_batch(micro), targets)
+        self.method.finish_step()
         self.step += 1
-        own_norm = self.active_layers or cfg.fused  # the optimizer, not the engine, clipped
-        grad_norm = self.optimizer.global_grad_norm if own_norm else self.engine.get_global_grad_norm()
-        on_device, offloaded = held_state_bytes(self.optimizer, self.weight_storages, self.device_type)
-        (total_loss,) = dist.all_reduce([loss_sum])
+        grad_norm = self.method.grad_norm()
+        on_device, offloaded = self.method.state_bytes()
+        (total_loss,) = dist.all_reduce([float(loss_sum)])
         peak, state_bytes, offloaded = dist.all_reduce(
             [metrics.peak_memory_bytes(self.memory_baseline), on_device, offloaded], op="max")
         step_time = time.perf_counter() - start
@@ -193,29 +108,24 @@ class Trainer:
         }
         if offloaded:
             record["offloaded_state_bytes"] = int(offloaded)
-        if self.active_layers:
-            record["active_layers"] = list(self.optimizer.active)
+        extra = self.method.step_metrics()
+        per_rank = [k for k, v in extra.items() if isinstance(v, (int, float))]
+        largest = dist.all_reduce([float(extra[k]) for k in per_rank], op="max") if per_rank else []
+        record.update(extra)
+        record.update({k: int(v) if isinstance(extra[k], int) else v for k, v in zip(per_rank, largest)})
         return record
 
     # ------------------------------------------------------------------ loop
 
     def trainer_state(self) -> dict[str, Any]:
-        state = {"global_step": self.step, "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
-                 "world_size": self.world, "zero_stage": ds_config.zero_stage(self.ds_config),
-                 "precision": self.cfg.precision, "total_steps": self.total_steps,
-                 "run_identity": checkpoint.run_identity(self.cfg, self.global_batch)}
-        if self.active_layers:
-            state["layerwise"] = self.active_layers.state()
-        if self.cfg.fused:
-            state["fused"] = True
-        if self.cfg.method == "lora":
-            state["lora"] = lora_settings(self.cfg)
-        return state
+        return {"global_step": self.step, "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
+                "world_size": self.world, "zero_stage": ds_config.zero_stage(self.ds_config),
+                "precision": self.cfg.precision, "total_steps": self.total_steps,
+                "run_identity": checkpoint.run_identity(self.cfg, self.global_batch), **self.method.trainer_state()}
 
     def save(self) -> str:
-        rank_state = self.optimizer.rank_state() if self.active_layers else None
-        return checkpoint.save(self.engine, self.step, self.cfg, self.trainer_state(), self.model_config,
-                               self.tokenizer, rank_state, write_model=self._save_fused if self.cfg.fused else None)
+        return checkpoint.save(self.step, self.cfg, self.trainer_state(), self.model_config, self.tokenizer,
+                               write=self.method.save)
 
     def train(self) -> Optional[str]:
         """Trains to the end; returns the path of the exported Hugging Face folder."""

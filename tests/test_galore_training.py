@@ -16,8 +16,27 @@ GALORE = dict(galore_rank=8, galore_update_proj_gap=3, galore_scale=0.5)
 
 
 def _oracle_weights(model_dir, data_path, steps: int, batch: int, lr: float, max_grad_norm: float,
-                    weight_decay: float) -> dict[str, torch.Tensor]:
-    """A plain loop: galore_torch.GaLoreAdamW on the layers' 2-D matrices, torch AdamW on the rest."""
+                    weight_decay: float, canonical_signs: bool = False,
+                    update_proj_gap: int = GALORE["galore_update_proj_gap"]) -> dict[str, torch.Tensor]:
+    """A plain loop: galore_torch.GaLoreAdamW on the layers' 2-D matrices, torch AdamW on the rest.
+    With `canonical_signs`, galore-torch's projectors get our sign convention (nothing else changes)."""
+    if canonical_signs:
+        from galore_torch.galore_projector import GaLoreProjector
+
+        from owlore_ds.galore import _canonical_signs
+
+        lapack = GaLoreProjector.get_orthogonal_matrix
+
+        def canonical(self, weights, rank, type):
+            projector = lapack(self, weights, rank, type)
+            return _canonical_signs(projector, "right" if type == "right" else "left")
+
+        GaLoreProjector.get_orthogonal_matrix = canonical
+        try:
+            return _oracle_weights(model_dir, data_path, steps, batch, lr, max_grad_norm, weight_decay,
+                                   update_proj_gap=update_proj_gap)
+        finally:
+            GaLoreProjector.get_orthogonal_matrix = lapack
     from galore_torch import GaLoreAdamW
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
@@ -29,7 +48,7 @@ def _oracle_weights(model_dir, data_path, steps: int, batch: int, lr: float, max
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     matrices = [p for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
     others = [p for n, p in model.named_parameters() if not (".layers." in n and p.dim() == 2)]
-    galore = GaLoreAdamW([{"params": matrices, "rank": GALORE["galore_rank"], "update_proj_gap": GALORE["galore_update_proj_gap"],
+    galore = GaLoreAdamW([{"params": matrices, "rank": GALORE["galore_rank"], "update_proj_gap": update_proj_gap,
                            "scale": GALORE["galore_scale"], "proj_type": "std"}], lr=lr, weight_decay=weight_decay,
                          eps=1e-8, no_deprecation_warning=True)  # galore-torch's default eps is 1e-6
     adamw = torch.optim.AdamW(others, lr=lr, weight_decay=weight_decay, foreach=False)

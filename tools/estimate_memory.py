@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--lora_target_modules", default="q_proj,v_proj")
     parser.add_argument("--offload", type=_bool, nargs="?", const=True, default=False)
+    parser.add_argument("--reduce_dtype", default="fp32", help="fp32 or bf16: lisa/owlore/galore gradient reduction")
     parser.add_argument("--device", default="cuda", help="cuda or cpu (AdamW temporaries, fixed overhead)")
     args = parser.parse_args()
 
@@ -60,7 +61,7 @@ def main() -> None:
                   lisa_activated_layers=args.lisa_activated_layers, galore_rank=args.galore_rank,
                   master_weights=args.master_weights, freeze_embeddings=args.freeze_embeddings,
                   lora_r=args.lora_r, lora_target_modules=tuple(t for t in args.lora_target_modules.split(",") if t),
-                  offload=args.offload, device=args.device)
+                  offload=args.offload, device=args.device, reduce_dtype=args.reduce_dtype)
     estimates, skipped, errors = {}, [], []
     for method in methods:
         try:

@@ -1,0 +1,254 @@
+"""A ZeRO-style optimizer for layer-sampled training (lisa, owlore) and GaLore, at every ZeRO stage.
+
+Written by hand because DeepSpeed's ZeRO optimizers fix their flat parameter groups and
+gradient hooks at `deepspeed.initialize`: a layer frozen later still gets Adam updates
+from stale moments, one unfrozen later is never updated (under stage 3 it gets zero
+gradients, DeepSpeed issue 5639), and the state of every layer is kept, so layer
+sampling saves nothing. They also flatten matrices into 1-D partitions, which GaLore's
+SVD cannot use. DeepSpeed here only partitions and fetches the weights (stage 3) or
+does nothing (stage 0); this optimizer owns the rest:
+
+- plan.py: the items of a step (a whole tensor of an active layer; a 1/N chunk of an
+  always-trained tensor, ZeRO-3's own partition) and their owners;
+- comm.py: each item's gradient reduced to its owner inside backward, bucketed, and
+  the updated weights written back into every rank's copy or ZeRO-3 partition;
+- rules.py and galore.py: AdamW and GaLore on the owner's fp32 (or bf16) tensors;
+- reshard.py: checkpoints of this rank's state, loadable on another number of ranks.
+
+Only owners hold state (fp32 master when the weights are not fp32, Adam moments, GaLore
+projector), and only for items of active layers: when a layer leaves the active set its
+state is freed, or kept on the CPU with `inactive_state="offload"`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as torch_dist
+
+from owlore_ds import galore
+from owlore_ds.config import MASTER_POLICIES
+from owlore_ds.layerwise import comm, reshard
+from owlore_ds.layerwise.plan import Item, always_items, assign_owners, full_numel
+from owlore_ds.layerwise.rules import adamw_step, squared_norm
+
+INACTIVE_POLICIES = ("free", "offload")
+DEFAULT_BUCKET_BYTES = 1 << 26  # 64 MiB of gradients per reduction, as DeepSpeed's reduce_bucket_size order
+
+
+@dataclass(frozen=True)
+class GaloreSettings:
+    rank: int
+    update_proj_gap: int
+    scale: float
+    proj_type: str
+    svd: str = "exact"
+    canonical_signs: bool = True
+    spread_refreshes: bool = False
+
+
+def _world() -> tuple[int, int]:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
+
+
+def to_device(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+Named = list[tuple[str, torch.nn.Parameter]]
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    def __init__(self, layers: list[Named], always: Named, *, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float, max_grad_norm: float, inactive_state: str = "free",
+                 galore_settings: Optional[GaloreSettings] = None, master_weights: str = "fp32",
+                 zero3: bool = False, device: Optional[torch.device] = None, reduce_dtype: str = "fp32",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        if inactive_state not in INACTIVE_POLICIES:
+            raise ValueError(f"inactive_state must be one of {INACTIVE_POLICIES}, got {inactive_state!r}")
+        if master_weights not in MASTER_POLICIES:
+            raise ValueError(f"master_weights must be one of {MASTER_POLICIES}, got {master_weights!r}")
+        params = [p for layer in layers for _, p in layer] + [p for _, p in always]
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.layers = layers
+        self.max_grad_norm = max_grad_norm
+        self.inactive_state = inactive_state
+        self.galore_settings = galore_settings
+        self.master_weights = master_weights
+        self.zero3 = zero3
+        self.device = device or params[0].device
+        self.rank, self.world = _world()
+        self.reducer = comm.GradientReducer(self.rank, self.world, comm.REDUCE_DTYPES[reduce_dtype], bucket_bytes)
+        self.active: list[int] = []
+        self.owners: dict[str, int] = {}  # layer tensor name -> owning rank (sticky while it stays active)
+        self.parked: dict[str, int] = {}  # inactive tensor name -> rank holding its offloaded state
+        self.item_state: dict[str, dict[str, Any]] = {}  # this rank's state of its owned items
+        self.offloaded: dict[str, dict[str, Any]] = {}  # state of items of inactive layers, on CPU
+        self.global_grad_norm: Optional[float] = None
+        self.sizes = {name: full_numel(p) for layer in layers for name, p in layer}
+        self._always_items = [item for name, p in always for item in always_items(name, p, self.world)]
+        self._items_of: dict[torch.nn.Parameter, list[Item]] = {}
+        for item in self._always_items:
+            self._items_of.setdefault(item.param, []).append(item)
+        self._names = {p: name for layer in layers for name, p in layer} | {p: name for name, p in always}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._on_gradient)
+        for layer in layers:
+            for _, p in layer:
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ items and owners
+
+    def _layer_items(self) -> list[Item]:
+        items = []
+        for index in self.active:
+            for position, (name, p) in enumerate(self.layers[index]):
+                low_rank = self.galore_settings is not None and len(getattr(p, "ds_shape", p.shape)) == 2
+                items.append(Item(name, name, p, 0, self.sizes[name], self.owners[name], low_rank, position))
+        return items
+
+    def items(self) -> list[Item]:
+        """Every item trained at this step, in the same order on every rank."""
+        return self._always_items + self._layer_items()
+
+    def set_active_layers(self, active: list[int]) -> None:
+        """Switches the trained layers at an optimizer-step boundary (collective-free, same on every rank)."""
+        for index in sorted(set(self.active) - set(active)):
+            for name, p in self.layers[index]:
+                p.requires_grad_(False)
+                p.grad = None
+                owner = self.owners.pop(name)
+                state = self.item_state.pop(name, None)
+                if self.inactive_state == "offload":
+                    self.parked[name] = owner
+                    if state is not None:
+                        self.offloaded[name] = to_device(state, torch.device("cpu"))
+        arriving = [name for index in sorted(set(active) - set(self.active)) for name, _ in self.layers[index]]
+        for name in arriving:  # an offloaded item returns to the rank that holds its state
+            if name in self.parked:
+                self.owners[name] = self.parked.pop(name)
+        sizes = {name: self.sizes[name] for index in active for name, _ in self.layers[index]}
+        self.owners.update(assign_owners(sizes, self.world, existing=self.owners,
+                                         names=[n for n in arriving if n not in self.owners]))
+        for index in active:
+            for name, p in self.layers[index]:
+                p.requires_grad_(True)
+                if name in self.offloaded and self.owners[name] == self.rank:
+                    self.item_state[name] = to_device(self.offloaded.pop(name), self.device)
+        self.active = sorted(active)
+        self._items_of = {}
+        for item in self.items():
+            self._items_of.setdefault(item.param, []).append(item)
+
+    # ------------------------------------------------------------------ backward
+
+    @torch.no_grad()
+    def _on_gradient(self, p: torch.nn.Parameter) -> None:
+        """Hands each item of `p` to the reducer as soon as autograd has p's gradient, and drops it."""
+        grad, p.grad = p.grad, None
+        if grad is None:
+            return
+        flat = grad.reshape(-1)
+        if flat.numel() != full_numel(p):
+            raise RuntimeError(f"{self._names[p]}: the gradient is not of the whole tensor (weights not gathered)")
+        for item in self._items_of.get(p, ()):
+            self.reducer.add(item, flat[item.lo : item.hi])
+
+    def finish_backward(self) -> None:
+        """Call after each backward: the last bucket is reduced and every reduction completed."""
+        self.reducer.finish()
+
+    # ------------------------------------------------------------------ the step
+
+    def _clip_coefficient(self, grads: dict[str, torch.Tensor]) -> float:
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for grad in grads.values():
+            squares += squared_norm(grad)
+        if self.world > 1:
+            torch_dist.all_reduce(squares)
+        self.global_grad_norm = float(squares.sqrt())  # the step's one host sync
+        if self.max_grad_norm > 0 and self.global_grad_norm > self.max_grad_norm:
+            return self.max_grad_norm / (self.global_grad_norm + 1e-6)
+        return 1.0
+
+    def _new_state(self, item: Item, weights: torch.Tensor) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": 0}
+        if item.param.dtype != torch.float32 and self.master_weights == "fp32":
+            state["master"] = weights.float().clone()
+        return state
+
+    def _update(self, item: Item, weights: torch.Tensor, grad: torch.Tensor, coefficient: float,
+                group: dict[str, Any]) -> torch.Tensor:
+        """Steps one owned item (flat `weights`, updated in place and returned) with its summed gradient."""
+        state = self.item_state.get(item.key)
+        if state is None:
+            state = self.item_state[item.key] = self._new_state(item, weights)
+        if self.master_weights == "pure_bf16":  # moments follow the weights' dtype (adamw_step, galore)
+            weight, grad = weights, grad.to(weights.dtype)
+        else:
+            weight = state.get("master")
+            if weight is None:  # without a master copy, bf16 weights are updated in fp32 and rounded back
+                weight = weights if weights.dtype == torch.float32 else weights.float()
+        if coefficient != 1.0:
+            grad = grad.mul_(coefficient)
+        if item.low_rank:
+            settings = self.galore_settings
+            galore.galore_adamw_step(
+                weight.view(item.shape), grad.view(item.shape), state, lr=group["lr"], betas=group["betas"],
+                eps=group["eps"], weight_decay=group["weight_decay"], rank=settings.rank,
+                update_proj_gap=settings.update_proj_gap, scale=settings.scale, proj_type=settings.proj_type,
+                svd=settings.svd, canonical_signs=settings.canonical_signs, refresh_offset=self._refresh_offset(item))
+        else:
+            adamw_step(weight, grad, state, group)
+        if weight.data_ptr() != weights.data_ptr():
+            weights.copy_(weight)
+        return weights
+
+    def _refresh_offset(self, item: Item) -> int:
+        """With spread refreshes, the tensors of a layer refresh at evenly staggered steps."""
+        settings = self.galore_settings
+        if not settings.spread_refreshes:
+            return 0
+        return (item.position * settings.update_proj_gap) // len(self.layers[0])
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        group = self.param_groups[0]
+        items = self.items()
+        self.reducer.finish()
+        grads = {item.key: self.reducer.take(item, self.device) for item in items if item.owner == self.rank}
+        coefficient = self._clip_coefficient(grads)
+        if not math.isfinite(self.global_grad_norm):  # the same value on every rank: all stop together
+            raise RuntimeError(f"the gradient norm is {self.global_grad_norm}; stopping before the weights take it")
+        for item in items:
+            weights = comm.read_weights(item, self.zero3, self.rank, self.device)
+            if item.owner == self.rank:
+                weights = self._update(item, weights, grads.pop(item.key), coefficient, group)
+            comm.write_weights(item, weights, self.zero3, self.rank, self.device)
+
+    # ------------------------------------------------------------------ memory and checkpoints
+
+    def state_bytes(self) -> tuple[int, int]:
+        """(bytes on the training device, bytes kept on the CPU) of the state this rank holds."""
+        def size(states: Iterable[dict[str, Any]]) -> int:
+            return sum(v.numel() * v.element_size() for s in states for v in s.values() if torch.is_tensor(v))
+
+        return size(self.item_state.values()), size(self.offloaded.values())
+
+    def global_state(self) -> dict[str, Any]:
+        """What every rank agrees on; stored in the checkpoint's trainer state."""
+        return {"active_layers": self.active, "owners": dict(sorted(self.owners.items())),
+                "parked": dict(sorted(self.parked.items())), "world_size": self.world}
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's tensors (plain tensors and ints, loadable with weights_only=True)."""
+        return {"items": self.item_state, "offloaded": self.offloaded}
+
+    def load(self, global_state: dict[str, Any], rank_states: list[Optional[dict[str, Any]]]) -> None:
+        """Restores from the per-rank states of a checkpoint made on any number of ranks (reshard.py)."""
+        reshard.restore(self, global_state, rank_states)
