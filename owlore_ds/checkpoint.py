@@ -329,7 +329,7 @@ def save_full_weights(module: torch.nn.Module, directory: str, shard_bytes: int 
         _write_json(os.path.join(directory, WEIGHTS_INDEX), {"metadata": {}, "weight_map": dict(sorted(merged.items()))})
 
 
-class _WeightReader:
+class WeightReader:
     """Reads tensors (or flat element ranges of them) by name from a checkpoint's weight files."""
 
     def __init__(self, path: str):
@@ -363,7 +363,7 @@ class _WeightReader:
 
 def read_full_weights(path: str) -> dict[str, torch.Tensor]:
     """Every weight of a checkpoint that holds its weights (for export)."""
-    reader = _WeightReader(path)
+    reader = WeightReader(path)
     return {name: reader.tensor(name) for name in sorted(reader.files)}
 
 
@@ -371,7 +371,7 @@ def load_full_weights(module: torch.nn.Module, path: str) -> None:
     """Loads a checkpoint's weight files into `module`. Under ZeRO-3 each rank reads only its
     own partition of every tensor (and the whole of those DeepSpeed keeps whole), so no rank
     reads the whole model and none waits for another."""
-    reader = _WeightReader(path)
+    reader = WeightReader(path)
     rank = dist.rank()
     for name, p in module.named_parameters():
         shape = tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from owlore_ds.checkpoint import TRAINER_STATE, holds_weights, read_full_weights, read_trainer_state
+from owlore_ds.checkpoint import TRAINER_STATE, WeightReader, holds_weights, read_full_weights, read_trainer_state
 from owlore_ds.errors import UserInputError
 from owlore_ds.lora import add_adapters, merged
 from owlore_ds.modeling import DTYPES
@@ -35,13 +35,31 @@ def consolidated_state_dict(checkpoint: str, state: dict) -> dict[str, torch.Ten
     return {name: tensor.float() for name, tensor in weights.items()}
 
 
-def export_checkpoint(checkpoint: str, destination: str, dtype: Optional[str] = None, overwrite: bool = False) -> str:
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # save_pretrained's "5GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str, flag: str = "--max_shard_size") -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes, as save_pretrained's max_shard_size reads them."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
+        raise UserInputError(f"{flag} {text!r}: expected a size such as 5GB, 500MB, 2GiB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def export_checkpoint(checkpoint: str, destination: str, dtype: Optional[str] = None, overwrite: bool = False,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
     """Writes config, safetensors weights and tokenizer of `checkpoint` to `destination`.
 
     The folder is written under a temporary name and renamed at the end, so a failed
-    export never leaves a half-written model behind.
+    export never leaves a half-written model behind. Checkpoints that hold their own
+    weight files (lisa/owlore/galore, lomo/adalomo) are streamed: one tensor at a time into
+    shards of at most `max_shard_bytes`, so no more than one shard and one tensor are in
+    memory, whatever the model's size.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     state = read_trainer_state(checkpoint, what="checkpoint")
     dtype = dtype or state.get("precision", "fp32")
@@ -49,12 +67,88 @@ def export_checkpoint(checkpoint: str, destination: str, dtype: Optional[str] = 
         raise UserInputError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if os.path.exists(destination) and os.listdir(destination) and not overwrite:
         raise UserInputError(f"{destination}: exists and is not empty; choose a new folder or pass --overwrite")
-    weights = consolidated_state_dict(checkpoint, state)
     # Inside a ZeRO-3 training process, from_config would partition the new model
     # across ranks with collectives that only this rank joins.
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
+    tmp = f"{destination.rstrip('/')}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if holds_weights(state) and "lora" not in state:
+        _stream_weights(checkpoint, tmp, dtype, max_shard_bytes)
+        config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+        config.dtype = DTYPES[dtype]
+        config.save_pretrained(tmp)
+    else:
+        _materialized_model(checkpoint, state, dtype).save_pretrained(tmp, safe_serialization=True,
+                                                                      max_shard_size=max_shard_bytes)
+    AutoTokenizer.from_pretrained(checkpoint, local_files_only=True).save_pretrained(tmp)
+    with open(os.path.join(tmp, "owlore_ds_source.json"), "w") as fh:
+        json.dump({"checkpoint": os.path.abspath(checkpoint), "global_step": state["global_step"], "dtype": dtype}, fh)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(tmp, destination)
+    return destination
+
+
+def _expected_shapes(checkpoint: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the weights a Hugging Face folder of this config holds (tied ones once)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _stream_weights(checkpoint: str, folder: str, dtype: str, max_shard_bytes: int) -> None:
+    """The checkpoint's weight files rewritten as `model.safetensors`, or as
+    `model-0000k-of-0000n.safetensors` shards with `model.safetensors.index.json`."""
+    from safetensors.torch import save_file
+
+    reader = WeightReader(checkpoint)
+    expected = _expected_shapes(checkpoint)
+    found = {name: reader.shape(name) for name in reader.files}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))[:3]
+        odd = sorted(k for k in found if expected.get(k) != found[k])[:3]
+        raise UserInputError(f"{checkpoint}: weights do not match the config (missing {missing}, unexpected or "
+                             f"misshapen {odd})")
+    os.makedirs(folder)
+    shards: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    total = 0
+
+    def flush() -> None:
+        nonlocal shard
+        if shard:
+            save_file(shard, os.path.join(folder, f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+            shards.append(list(shard))
+            shard = {}
+
+    for name in expected:  # the model's own order
+        tensor = reader.tensor(name).to(DTYPES[dtype])
+        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
+            flush()
+        shard[name] = tensor
+        total += tensor.nbytes
+    flush()
+    if len(shards) == 1:
+        os.replace(os.path.join(folder, "part-00000.safetensors"), os.path.join(folder, "model.safetensors"))
+        return
+    weight_map = {}
+    for k, names in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(os.path.join(folder, f"part-{k:05d}.safetensors"), os.path.join(folder, file))
+        weight_map.update({name: file for name in names})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+
+
+def _materialized_model(checkpoint: str, state: dict, dtype: str) -> torch.nn.Module:
+    """The whole model in memory (DeepSpeed-format checkpoints, and LoRA's merge)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    weights = consolidated_state_dict(checkpoint, state)
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -69,16 +163,7 @@ def export_checkpoint(checkpoint: str, destination: str, dtype: Optional[str] = 
         model.get_base_model().tie_weights()  # before merging, or peft unties the config
         model = merged(model)
     model.tie_weights()
-    model.to(DTYPES[dtype])
-    tmp = f"{destination.rstrip('/')}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(checkpoint, local_files_only=True).save_pretrained(tmp)
-    with open(os.path.join(tmp, "owlore_ds_source.json"), "w") as fh:
-        json.dump({"checkpoint": os.path.abspath(checkpoint), "global_step": state["global_step"], "dtype": dtype}, fh)
-    shutil.rmtree(destination, ignore_errors=True)
-    os.replace(tmp, destination)
-    return destination
+    return model.to(DTYPES[dtype])
 
 
 def is_checkpoint(path: str) -> bool:

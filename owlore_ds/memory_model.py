@@ -261,9 +261,9 @@ ZERO3_MAX_LIVE_PARAMETERS = 10**9
 ZERO3_SUB_GROUP_SIZE = 10**9
 
 
-def _zero3_gathered(s: _Shapes, w: int) -> int:
+def _zero3_gathered(s: _Shapes, w: int, live: int = ZERO3_MAX_LIVE_PARAMETERS) -> int:
     """Parameters ZeRO-3 keeps gathered: up to stage3_max_live_parameters (see _deepspeed_adamw)."""
-    return w * min(s.total_params(), ZERO3_MAX_LIVE_PARAMETERS)
+    return w * min(s.total_params(), live)
 
 
 def _adamw_step_temps(numel: int, device: str) -> int:
@@ -306,7 +306,8 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
              micro_batch_size: int = 1, block_size: int = 512, gradient_checkpointing: bool = True,
              lisa_activated_layers: int = 2, galore_rank: int = 256, master_weights: str = "fp32",
              freeze_embeddings: bool = False, lora_r: int = 8, lora_target_modules: tuple = ("q_proj", "v_proj"),
-             offload: bool = False, device: str = "cuda", reduce_dtype: str = "fp32") -> MemoryEstimate:
+             offload: bool = False, device: str = "cuda", reduce_dtype: str = "fp32",
+             zero3_max_live_parameters: int = ZERO3_MAX_LIVE_PARAMETERS) -> MemoryEstimate:
     """Per-device bytes of one training run of `method` on a Hugging Face decoder `config`.
 
     `device` ("cuda" or "cpu") decides the two things that differ between them: torch
@@ -322,13 +323,14 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
     if method in LAYERWISE:
         result = _layerwise(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
                             gradient_checkpointing, lisa_activated_layers, galore_rank, master_weights,
-                            freeze_embeddings, device, PRECISIONS[reduce_dtype])
+                            freeze_embeddings, device, PRECISIONS[reduce_dtype], zero3_max_live_parameters)
     elif method in ("lomo", "adalomo"):
         result = _lomo(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
-                       gradient_checkpointing, device)
+                       gradient_checkpointing, device, zero3_max_live_parameters)
     else:
         result = _deepspeed_adamw(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
-                                  gradient_checkpointing, lora_r, tuple(lora_target_modules), offload, device)
+                                  gradient_checkpointing, lora_r, tuple(lora_target_modules), offload, device,
+                                  zero3_max_live_parameters)
     if device == "cpu" and zero_stage == 3:
         # Loading on CPU under zero.Init (HfDeepSpeedConfig): from_pretrained copies each
         # tensor of the memory-mapped checkpoint into this rank's partition, and the file's
@@ -358,7 +360,8 @@ def _lora_params(s: _Shapes, lora_r: int, targets: tuple) -> int:
 
 
 def _deepspeed_adamw(s: _Shapes, method: str, n: int, stage: int, precision: str, micro: int, block: int,
-                     checkpointing: bool, lora_r: int, targets: tuple, offload: bool, device: str) -> MemoryEstimate:
+                     checkpointing: bool, lora_r: int, targets: tuple, offload: bool, device: str,
+                     live: int = ZERO3_MAX_LIVE_PARAMETERS) -> MemoryEstimate:
     """full (every parameter) and lora (the adapters): torch AdamW driven by DeepSpeed's ZeRO.
 
     ZeRO-1/2 flatten the trained params and keep an fp32 copy of this rank's 1/N partition
@@ -382,7 +385,7 @@ def _deepspeed_adamw(s: _Shapes, method: str, n: int, stage: int, precision: str
         # stage3_max_reuse_distance (default 1e9), up to stage3_max_live_parameters (default
         # 1e9): with the defaults of ds_configs/zero3.json up to 1e9 parameters stay live,
         # through the step too. Plus the reduce bucket (ipg buffer, contiguous_gradients).
-        est.comm_buffers = min(total, ZERO3_MAX_LIVE_PARAMETERS) * w + _reduce_bucket(s) * w
+        est.comm_buffers = min(total, live) * w + _reduce_bucket(s) * w
         # grad_partitions_flat_buffer (1/N, kept between steps); at the step each sub-group
         # (stage3 sub_group_size, default 1e9) is flattened into a new fp32 tensor.
         persistent_grads = part * w
@@ -492,7 +495,7 @@ def layerwise_gradient_bytes(config: Any, world_size: int, active_layers: int, b
 
 def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micro: int, block: int,
                checkpointing: bool, gamma: int, galore_rank: int, master_weights: str, freeze_embeddings: bool,
-               device: str, reduce_bytes: int = FP32) -> MemoryEstimate:
+               device: str, reduce_bytes: int = FP32, live: int = ZERO3_MAX_LIVE_PARAMETERS) -> MemoryEstimate:
     """lisa, galore, owlore: owlore_ds/layerwise/ at DeepSpeed stage 0 (weights replicated) or 3.
 
     Per rank: the weights (all, or the ZeRO-3 partitions),
@@ -568,7 +571,7 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     acts, which = _activations(s, micro, block, w, checkpointing, trainable_layers=active,
                                lm_head_trained=not freeze_embeddings)
     est.activations = acts
-    est.comm_buffers = _zero3_gathered(s, w) if stage == 3 and n > 1 else 0
+    est.comm_buffers = _zero3_gathered(s, w, live) if stage == 3 and n > 1 else 0
     state = est.master_weights + est.optimizer_state
     backward = est.weights + state + est.gradients + est.comm_buffers + acts
     step = est.weights + state + FP32 * owned_numel[heaviest] + est.step_workspace
@@ -615,7 +618,7 @@ def _fused_update_bytes(method: str, numel: int, w: int) -> int:
 
 
 def _lomo(s: _Shapes, method: str, n: int, stage: int, precision: str, micro: int, block: int,
-          checkpointing: bool, device: str) -> MemoryEstimate:
+          checkpointing: bool, device: str, live: int = ZERO3_MAX_LIVE_PARAMETERS) -> MemoryEstimate:
     """lomo / adalomo (owlore_ds/fused.py): the update fused into backward, each gradient freed
     in its own hook, so a full set of gradients never exists.
 
@@ -638,7 +641,7 @@ def _lomo(s: _Shapes, method: str, n: int, stage: int, precision: str, micro: in
         # On one rank DeepSpeed 0.19 gathers nothing (all_gather_coalesced -> NoGatherHandle:
         # param.data becomes a view of ds_tensor); on more, every parameter stays gathered
         # through forward and backward (stage3_max_live_parameters) until release_gathered.
-        est.comm_buffers = _zero3_gathered(s, w) if n > 1 else 0
+        est.comm_buffers = _zero3_gathered(s, w, live) if n > 1 else 0
     else:
         est.weights = s.total_params() * w
         est.notes.append(f"ZeRO-{stage} runs as stage 0 (ds_config.for_fused): weights replicated")

@@ -112,12 +112,14 @@ def test_zero3_killed_and_resumed_owlore_equals_straight_run(tmp_path, four_laye
     assert_same_weights(final_weights(straight), final_weights(resumed), atol=0)
 
 
-def _convert(checkpoint, destination) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _convert(checkpoint, destination, *flags: str) -> dict[str, torch.Tensor]:
+    """tools/convert_to_hf.py, then the weights as from_pretrained loads them."""
+    from transformers import AutoModelForCausalLM
 
-    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), str(checkpoint), str(destination)],
-                   check=True, env=base_env(), cwd=ROOT, capture_output=True)
-    return load_file(str(destination / "model.safetensors"))
+    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), str(checkpoint), str(destination),
+                    *flags], check=True, env=base_env(), cwd=ROOT, capture_output=True)
+    model = AutoModelForCausalLM.from_pretrained(destination, local_files_only=True)
+    return {name: t.detach() for name, t in model.named_parameters()}
 
 
 @pytest.mark.parametrize("before,after,global_batch", [(2, 3, 6), (4, 2, 4)])
@@ -137,9 +139,13 @@ def test_zero3_checkpoint_resumes_on_another_world_size(tmp_path, four_layers, t
     assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a[3:]], rel=1e-5)
     start = _initial(four_layers)
     assert relative_distance(final_weights(moved), final_weights(straight), start) < WEIGHT_TOLERANCE
-    # convert_to_hf on the ZeRO-3 checkpoints gives the weights of final/.
+    # convert_to_hf on the ZeRO-3 checkpoints gives the weights of final/, also in shards.
     for out in (straight, moved):
         assert_same_weights(_convert(out / "checkpoint-6", tmp_path / f"hf-{out.name}"), final_weights(out), atol=0)
+    sharded = tmp_path / "hf-sharded"
+    assert_same_weights(_convert(moved / "checkpoint-6", sharded, "--max_shard_size", "100KB"), final_weights(moved),
+                        atol=0)
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 3 and (sharded / "model.safetensors.index.json").exists()
 
 
 def test_zero3_memory_per_rank_follows_the_model(tmp_path, four_layers, task_data):
@@ -176,3 +182,17 @@ def test_zero3_memory_per_rank_follows_the_model(tmp_path, four_layers, task_dat
     for m in metrics:
         assert owned <= m["peak_gradient_bytes"] <= owned + in_flight, m
     assert owned + in_flight < every_active
+
+
+def test_zero3_offload_config_trains_as_zero3(tmp_path, four_layers, task_data):
+    """ds_configs/zero3_offload.json: partitions kept on the CPU (offload_param); offload_optimizer
+    does not apply to these methods and is dropped with a warning. Same losses and weights."""
+    args = dict(method="owlore", max_steps=4, per_device_train_batch_size=2, **SAMPLING, **GALORE)
+    run_training(common_args(four_layers, task_data, tmp_path / "zero3", deepspeed=ZERO3, **args), nproc=2)
+    result = run_training(common_args(four_layers, task_data, tmp_path / "offload",
+                                      deepspeed=ROOT / "ds_configs" / "zero3_offload.json", **args), nproc=2)
+    assert "offload_optimizer does not apply" in result.stdout + result.stderr
+    a, b = read_metrics(tmp_path / "zero3"), read_metrics(tmp_path / "offload")
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-5)
+    start = _initial(four_layers)
+    assert relative_distance(final_weights(tmp_path / "offload"), final_weights(tmp_path / "zero3"), start) < 1e-4

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="fp32 weights and compute (default bf16)")
     p.add_argument("--world_size", type=int, default=1, help="ranks per trainer run (the peer is always one process)")
     p.add_argument("--zero_stage", type=int, default=2, choices=(1, 2, 3), help="ds_configs/zeroN.json")
+    p.add_argument("--deepspeed", help="a DeepSpeed config instead of ds_configs/zeroN.json (its stage must be "
+                                       "--zero_stage; its stage3_max_live_parameters goes to the memory model)")
     p.add_argument("--master_weights", default="fp32", choices=MASTER_POLICIES,
                    help="lisa, galore, owlore in bf16: the trainer's --master_weights (the peer has none)")
     p.add_argument("--learning_rate", type=float, default=2e-5)
@@ -162,6 +164,11 @@ def resolve(args: argparse.Namespace) -> Settings:
         raise UserInputError(f"--owl_threshold_m must be > 0, got {args.owl_threshold_m}")
     if not os.path.exists(args.dataset_path):
         raise UserInputError(f"--dataset_path {args.dataset_path}: no such file or folder")
+    if args.deepspeed:
+        from owlore_ds.ds_config import read, zero_stage
+
+        if zero_stage(read(args.deepspeed)) != args.zero_stage:
+            raise UserInputError(f"--deepspeed {args.deepspeed}: its ZeRO stage is not --zero_stage {args.zero_stage}")
     targets = tuple(m.strip() for m in args.lora_target_modules.split(",") if m.strip())
     if not targets:
         raise UserInputError("--lora_target_modules: give at least one module name")
@@ -255,7 +262,7 @@ def method_flags(method: str, settings: Settings, model: Path, ratio_file: Optio
         flags["gradient_checkpointing"] = True
     if method != "peer":
         flags.update(method=method, overwrite_output_dir=True,
-                     deepspeed=ROOT / "ds_configs" / f"zero{args.zero_stage}.json")
+                     deepspeed=deepspeed_config(args))
     if method in ("lisa", "galore", "owlore") and settings.precision == "bf16":
         flags["master_weights"] = args.master_weights
     if method in LAYER_SAMPLED:
@@ -363,6 +370,16 @@ def summarize(records: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     }
 
 
+def deepspeed_config(args: argparse.Namespace) -> Path:
+    return Path(args.deepspeed).resolve() if args.deepspeed else ROOT / "ds_configs" / f"zero{args.zero_stage}.json"
+
+
+def _live_parameters(args: argparse.Namespace) -> Optional[int]:
+    zero = json.loads(deepspeed_config(args).read_text()).get("zero_optimization", {})
+    live = zero.get("stage3_max_live_parameters")
+    return int(float(live)) if isinstance(live, (int, float)) else None
+
+
 def predict(method: str, settings: Settings) -> tuple[Optional[dict[str, int]], str]:
     """The memory model's figures for a run, or (None, why not)."""
     if method == "peer":
@@ -385,6 +402,8 @@ def predict(method: str, settings: Settings) -> tuple[Optional[dict[str, int]], 
         lora_target_modules=settings.lora_target_modules, offload=False)
     if "device" in inspect.signature(estimate).parameters:  # CPU and GPU differ in temporaries and overhead
         kwargs["device"] = "cpu" if get_accelerator().device_name() == "cpu" else "cuda"
+    if _live_parameters(args) is not None:
+        kwargs["zero3_max_live_parameters"] = _live_parameters(args)
     try:
         result = estimate(settings.config, method, **kwargs)
         return {"peak_memory_bytes": int(result.peak), "optimizer_state_bytes": int(result.optimizer_state_bytes)}, ""
