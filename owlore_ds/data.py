@@ -2,8 +2,11 @@
 
 Formats (detected from the file):
 - LMFlow JSON: {"type": "text_only" | "text2text" | "conversation", "instances": [...]}
-- rows in .jsonl / .json / .parquet with a `text`, `input`+`output` or `messages`
-  column, or pre-tokenized rows with `input_ids` (optional `labels`)
+- rows in .jsonl / .json / .parquet (ROW_FORMATS): `text`; `input`+`output`;
+  `messages` ({role, content}); Alpaca (`instruction`, `input`, `output`, optional
+  `system`, `history`) and ShareGPT (`conversations` of {from, value}, optional
+  `system`), both read as LLaMA-Factory documents them and rendered with the chat
+  template, loss on the responses only; pre-tokenized `input_ids` (optional `labels`)
 - a folder: every .json/.jsonl/.parquet/.txt file in it (a .txt file is one text)
 
 Every example becomes a row of `block_size` token ids with labels (-100 where no loss
@@ -27,7 +30,7 @@ from owlore_ds import distributed as dist
 from owlore_ds.errors import UserInputError
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: Alpaca rows were text2text in 1
 KINDS = ("text_only", "text2text", "conversation", "tokenized")
 SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 log = logging.getLogger(__name__)
@@ -99,23 +102,92 @@ def _load_parquet(path: str) -> list[dict]:
     return table.to_list()
 
 
-def _rows_kind(path: str, rows: list[dict]) -> str:
+# Row formats, tried in this order on each row's columns: (name, required, optional).
+# Alpaca and ShareGPT rows are read as LLaMA-Factory documents them and become `messages`.
+ROW_FORMATS = (
+    ("tokenized", {"input_ids"}, {"labels", "attention_mask"}),
+    ("messages", {"messages"}, set()),
+    ("sharegpt", {"conversations"}, {"system"}),
+    ("alpaca", {"instruction", "output"}, {"input", "system", "history"}),
+    ("text2text", {"input", "output"}, set()),
+    ("text_only", {"text"}, set()),
+)
+_FORMAT_KIND = {"tokenized": "tokenized", "messages": "conversation", "sharegpt": "conversation",
+                "alpaca": "conversation", "text2text": "text2text", "text_only": "text_only"}
+_FORMAT_NAMES = "'text', 'input'+'output', Alpaca 'instruction'+'output', ShareGPT 'conversations', 'messages' or 'input_ids'"
+# LLaMA-Factory's default ShareGPT role tags, and the OpenAI names some files use instead.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def row_format(columns: Iterable[str]) -> Optional[str]:
+    """The first format of ROW_FORMATS whose required columns are all present, or None."""
+    present = set(columns)
+    return next((name for name, required, _ in ROW_FORMATS if required <= present), None)
+
+
+def _alpaca_messages(where: str, row: dict) -> list[dict]:
+    # LLaMA-Factory: history turns first, then the instruction and input joined by a newline.
+    for key in ("instruction", "input", "output", "system"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise UserInputError(f"{where}: {key!r} must be a string")
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    history = row.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history):
+        raise UserInputError(f"{where}: 'history' must be a list of [prompt, response] string pairs")
+    for prompt, response in history:
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    query = "\n".join(part for part in (row["instruction"], row.get("input")) if part)
+    return messages + [{"role": "user", "content": query}, {"role": "assistant", "content": row["output"]}]
+
+
+def _sharegpt_messages(where: str, row: dict) -> list[dict]:
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+        raise UserInputError(f"{where}: 'conversations' must be a list of {{from, value}} objects")
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise UserInputError(f"{where}: 'system' must be a string")
+    messages = [{"role": "system", "content": system}] if system else []
+    for turn in turns:
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise UserInputError(f"{where}: unknown role {turn['from']!r} in 'conversations'; "
+                                 f"expected one of {', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(turn["value"], str):
+            raise UserInputError(f"{where}: every 'value' in 'conversations' must be a string")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _rows_kind(path: str, rows: list[dict]) -> tuple[str, list[dict]]:
+    """Returns (kind, records) of a file of rows; Alpaca and ShareGPT rows become `messages` records.
+
+    Every row must match the format of the first one; a row that matches none, or another
+    one, is an error naming the row (1-based) and the columns it has.
+    """
     if not rows:
         raise UserInputError(f"{path}: holds no examples")
-    columns = rows[0].keys()
-    if "input_ids" in columns:
-        kind = "tokenized"
-    elif "messages" in columns:
-        kind = "conversation"
-    elif "input" in columns and "output" in columns:
-        kind = "text2text"
-    elif "text" in columns:
-        kind = "text_only"
-    else:
-        raise UserInputError(
-            f"{path}: rows need a 'text', 'input'+'output', 'messages' or 'input_ids' column; found {sorted(columns)}"
-        )
-    return kind
+    first = row_format(rows[0].keys()) if isinstance(rows[0], dict) else None
+    records, ignored = [], set()
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise UserInputError(f"{path}: row {number} is not a JSON object")
+        fmt = row_format(row.keys())
+        if fmt is None or fmt != first:
+            expected = f"the {first} format of row 1" if first else f"a known format ({_FORMAT_NAMES})"
+            raise UserInputError(f"{path}: row {number} has columns {sorted(row.keys())}, which do not match {expected}")
+        _, required, optional = next(f for f in ROW_FORMATS if f[0] == fmt)
+        ignored |= set(row.keys()) - required - optional
+        where = f"{path}: row {number}"
+        if fmt == "alpaca":
+            row = {"messages": _alpaca_messages(where, row)}
+        elif fmt == "sharegpt":
+            row = {"messages": _sharegpt_messages(where, row)}
+        records.append(row)
+    if ignored:
+        log.warning("%s: %s rows; ignoring the columns %s", path, first, sorted(ignored))
+    return _FORMAT_KIND[first], records
 
 
 def _read_file(path: str) -> tuple[str, list[dict]]:
@@ -124,11 +196,9 @@ def _read_file(path: str) -> tuple[str, list[dict]]:
         with open(path, encoding="utf-8", errors="replace") as fh:
             return "text_only", [{"text": fh.read()}]
     if path.endswith(".parquet"):
-        rows = _load_parquet(path)
-        return _rows_kind(path, rows), rows
+        return _rows_kind(path, _load_parquet(path))
     if path.endswith(".jsonl"):
-        rows = _load_jsonl(path)
-        return _rows_kind(path, rows), rows
+        return _rows_kind(path, _load_jsonl(path))
     data = _load_json(path)
     if isinstance(data, dict) and "instances" in data:
         kind = data.get("type")
@@ -138,7 +208,7 @@ def _read_file(path: str) -> tuple[str, list[dict]]:
             raise UserInputError(f"{path}: 'instances' is empty or not a list")
         return kind, data["instances"]
     if isinstance(data, list):
-        return _rows_kind(path, data), data
+        return _rows_kind(path, data)
     raise UserInputError(f"{path}: expected an LMFlow object with 'type' and 'instances', or a list of rows")
 
 
@@ -235,13 +305,15 @@ def _text2text(record: dict, tokenizer, block_size: int) -> tuple[list[int], lis
 def _conversation(record: dict, tokenizer, block_size: int) -> tuple[list[int], list[int]]:
     # The whole conversation is tokenized once (tokenizing turn by turn would add
     # SentencePiece's dummy prefix space to every turn); a token is labelled when its
-    # first character lies in the text that the chat template added for an assistant turn.
+    # first character lies in the text that the chat template added for an assistant turn,
+    # less the assistant header (the generation prompt), which is prompt, not response.
     messages = record["messages"]
     spans, rendered = [], ""
     for i, message in enumerate(messages):
         text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if message["role"] == "assistant":
-            spans.append((len(rendered), len(text)))
+            header = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            spans.append((len(header) if header and text.startswith(header) else len(rendered), len(text)))
         rendered = text
     encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
