@@ -16,24 +16,48 @@ and the data, never on the number of ranks or on the micro-batch/accumulation sp
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Protocol
 
+import numpy as np
 import torch
 
 from owlore_ds import distributed as dist
 from owlore_ds.errors import UserInputError
+from owlore_ds.indexed import IndexedDataset, is_prefix
 
 IGNORE_INDEX = -100
 CACHE_VERSION = "2"  # 2: Alpaca rows were text2text in 1
 KINDS = ("text_only", "text2text", "conversation", "tokenized")
 SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 log = logging.getLogger(__name__)
+
+
+class TrainingData(Protocol):
+    """What the trainer asks of a dataset: rows by index, never the whole dense tensors."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """int64 `input_ids`, `attention_mask` and `labels` of these rows, [len(rows), block_size] each."""
+
+    def target_count(self, rows: torch.Tensor) -> int:
+        """Loss-bearing tokens of these rows, after the causal shift."""
+
+    def token_count(self, rows: torch.Tensor) -> int:
+        """Real (not padding) tokens of these rows."""
+
+    def num_tokens(self) -> int:
+        """Length of the token stream (padding removed) that calibration windows are cut from."""
+
+    def tokens(self, start: int, length: int) -> torch.Tensor:
+        """int64 tokens start..start+length of that stream."""
 
 
 @dataclass
@@ -45,9 +69,73 @@ class TokenizedData:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows], "labels": self.labels[rows]}
+
     def target_count(self, rows: torch.Tensor) -> int:
-        """Loss-bearing tokens of these rows, after the causal shift."""
         return int((self.labels[rows, 1:] != IGNORE_INDEX).sum())
+
+    def token_count(self, rows: torch.Tensor) -> int:
+        return int(self.attention_mask[rows].sum())
+
+    @functools.cached_property
+    def _stream(self) -> torch.Tensor:
+        return self.input_ids[self.attention_mask.bool()]
+
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def tokens(self, start: int, length: int) -> torch.Tensor:
+        return self._stream[start : start + length]
+
+
+class PackedWindows:
+    """An indexed dataset's sequences concatenated in index order and cut into windows of
+    `block_size` tokens (the tail shorter than a window is dropped); window i is row i.
+
+    Tokens are used as stored (the EOS between documents is the one the preprocessing
+    wrote) and every one carries loss. Rows are read from the memory map on demand; the
+    only array held is the cumulative sequence length (8 bytes a sequence, not a token).
+    """
+
+    def __init__(self, dataset: IndexedDataset, block_size: int, vocab_size: int):
+        self.dataset = dataset
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.ends = np.cumsum(dataset.lengths, dtype=np.int64)  # end of sequence i in the stream
+        self._num_tokens = int(self.ends[-1]) if len(self.ends) else 0
+
+    def __len__(self) -> int:
+        return self._num_tokens // self.block_size
+
+    def num_tokens(self) -> int:
+        return len(self) * self.block_size
+
+    def tokens(self, start: int, length: int) -> torch.Tensor:
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        sequence = int(np.searchsorted(self.ends, start, side="right"))
+        while filled < length:
+            begin = int(self.ends[sequence]) - int(self.dataset.lengths[sequence])
+            offset = start + filled - begin
+            piece = self.dataset.get(sequence, offset, min(length - filled, int(self.dataset.lengths[sequence]) - offset))
+            out[filled : filled + len(piece)] = piece
+            filled += len(piece)
+            sequence += 1
+        if length and int(out.max()) >= self.vocab_size:
+            raise UserInputError(f"--dataset_path {self.dataset.prefix}: token id {int(out.max())} near stream position "
+                                 f"{start} is outside the model's vocabulary of {self.vocab_size}")
+        return torch.from_numpy(out)
+
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = torch.stack([self.tokens(int(row) * self.block_size, self.block_size) for row in rows.tolist()])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def target_count(self, rows: torch.Tensor) -> int:
+        return len(rows) * (self.block_size - 1)
+
+    def token_count(self, rows: torch.Tensor) -> int:
+        return len(rows) * self.block_size
 
 
 # ---------------------------------------------------------------- reading files
@@ -390,15 +478,27 @@ def _save_atomic(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int, cache_dir: str, vocab_size: int) -> TokenizedData:
-    """Reads, checks and tokenizes the dataset; one process per node tokenizes, the rest read its cache."""
+def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int, cache_dir: str,
+                       vocab_size: int) -> TrainingData:
+    """Opens a Megatron indexed dataset (a prefix P of P.idx + P.bin) memory-mapped, or reads,
+    checks and tokenizes a dataset of the small formats: one process per node tokenizes,
+    the rest read its cache."""
+    prefix = path[: -len(".idx")] if path.endswith((".idx", ".bin")) else path
+    if is_prefix(prefix):
+        windows = PackedWindows(IndexedDataset(prefix), block_size, vocab_size)
+        if len(windows) == 0:
+            raise UserInputError(f"--dataset_path {path}: {windows.num_tokens()} tokens, fewer than one block of {block_size}")
+        log.info("dataset %s: indexed, %d documents, %d windows of %d tokens", prefix,
+                 windows.dataset.num_documents, len(windows), block_size)
+        return windows
     kind, records, files = read_records(path)  # every rank checks, so every rank raises the same error
     cache_path = os.path.join(os.path.expanduser(cache_dir), "tokenized", f"{_cache_key(files, tokenizer_dir, block_size)}.pt")
     error: Optional[UserInputError] = None
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(cache_path):
         try:
             data = tokenize_records(kind, records, tokenizer, block_size)
-            _save_atomic(data.__dict__, cache_path)
+            _save_atomic({"input_ids": data.input_ids, "labels": data.labels, "attention_mask": data.attention_mask},
+                         cache_path)
         except UserInputError as exc:
             error = exc
     if not dist.all_agree(error is None):
@@ -455,18 +555,18 @@ class GlobalBatches:
         return rows[start : start + micro_batch]
 
 
-def calibration_windows(data: TokenizedData, nsamples: int, seqlen: int, seed: int, sequential: bool) -> torch.Tensor:
+def calibration_windows(data: TrainingData, nsamples: int, seqlen: int, seed: int, sequential: bool) -> torch.Tensor:
     """[nsamples, seqlen] token windows from the dataset's real tokens (padding removed).
 
     Random windows (seeded) as OWL draws them from C4, or with `sequential` the first
     `nsamples` consecutive windows in file order.
     """
-    stream = data.input_ids[data.attention_mask.bool()]
-    if stream.numel() < seqlen:
-        raise UserInputError(f"the calibration data has {stream.numel()} tokens, fewer than one window of {seqlen}")
+    total = data.num_tokens()
+    if total < seqlen:
+        raise UserInputError(f"the calibration data has {total} tokens, fewer than one window of {seqlen}")
     if sequential:
-        count = min(nsamples, stream.numel() // seqlen)
-        return stream[: count * seqlen].view(count, seqlen)
+        count = min(nsamples, total // seqlen)
+        return data.tokens(0, count * seqlen).view(count, seqlen)
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seqlen + 1, (nsamples,), generator=generator)
-    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, total - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([data.tokens(s, seqlen) for s in starts.tolist()])

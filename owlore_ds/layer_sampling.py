@@ -15,7 +15,7 @@ import torch
 
 from owlore_ds import distributed as dist
 from owlore_ds.config import TrainConfig
-from owlore_ds.data import TokenizedData, calibration_windows
+from owlore_ds.data import TrainingData, calibration_windows
 from owlore_ds.errors import UserInputError
 from owlore_ds.layerwise import LayerwiseOptimizer
 from owlore_ds.outliers import compute_layer_outlier_ratios, load_ratios, model_fingerprint, save_ratios
@@ -47,7 +47,7 @@ def split_parameters(model: torch.nn.Module, freeze_embeddings: bool) -> tuple[l
     return per_layer, always
 
 
-def outlier_ratios(cfg: TrainConfig, model: torch.nn.Module, data: TokenizedData) -> list[float]:
+def outlier_ratios(cfg: TrainConfig, model: torch.nn.Module, data: TrainingData) -> list[float]:
     """The OWL ratios for this model: from --outlier_ratios, OUT's cache, or computed now (rank 0) and cached."""
     path = cfg.outlier_ratios or os.path.join(cfg.output_dir, RATIOS_FILE)
     # Rank 0 decides: another rank could see the file appear while rank 0 writes it.

@@ -1,0 +1,171 @@
+"""Megatron-LM indexed datasets: the preprocessing tool, the memory-mapped reader, and training from shards.
+
+The shards the trainer reads are written here by an independent implementation of the
+documented layout (struct + numpy), not by owlore_ds's writer, and the tool's output is
+read back the same independent way.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, assert_same_weights, base_env, common_args, final_weights, run_training
+from owlore_ds.data import load_training_data
+from owlore_ds.errors import UserInputError
+from owlore_ds.indexed import IndexedDataset
+from owlore_ds.metrics import read_metrics
+
+CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
+
+
+def write_megatron(prefix: Path, documents: list[list[list[int]]], dtype=np.uint16) -> None:
+    """Megatron's layout from its documentation: each document a list of sequences."""
+    lengths = [len(seq) for doc in documents for seq in doc]
+    pointers = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype("<i8") * np.dtype(dtype).itemsize
+    doc_index = np.cumsum([0] + [len(doc) for doc in documents]).astype("<i8")
+    with open(f"{prefix}.bin", "wb") as fh:
+        for doc in documents:
+            for seq in doc:
+                fh.write(np.asarray(seq, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+    with open(f"{prefix}.idx", "wb") as fh:
+        fh.write(b"MMIDIDX\x00\x00")
+        fh.write(struct.pack("<Q", 1))
+        fh.write(struct.pack("<B", CODES[np.dtype(dtype)]))
+        fh.write(struct.pack("<Q", len(lengths)))
+        fh.write(struct.pack("<Q", len(doc_index)))
+        fh.write(np.asarray(lengths, dtype="<i4").tobytes())
+        fh.write(pointers.tobytes())
+        fh.write(doc_index.tobytes())
+
+
+def read_megatron(prefix: Path) -> tuple[np.dtype, list[np.ndarray], np.ndarray]:
+    """(token dtype, sequences, document indices), parsed from the documented layout."""
+    raw = Path(f"{prefix}.idx").read_bytes()
+    assert raw[:9] == b"MMIDIDX\x00\x00" and struct.unpack("<Q", raw[9:17])[0] == 1
+    dtype = {8: np.dtype("<u2"), 4: np.dtype("<i4")}[raw[17]]
+    sequences, documents = struct.unpack("<QQ", raw[18:34])
+    lengths = np.frombuffer(raw, "<i4", sequences, 34)
+    pointers = np.frombuffer(raw, "<i8", sequences, 34 + 4 * sequences)
+    doc_index = np.frombuffer(raw, "<i8", documents, 34 + 12 * sequences)
+    assert len(raw) == 34 + 12 * sequences + 8 * documents
+    data = Path(f"{prefix}.bin").read_bytes()
+    seqs = [np.frombuffer(data, dtype, n, p) for n, p in zip(lengths, pointers)]
+    return dtype, seqs, doc_index
+
+
+def _corpus_documents(tokenizer, count: int = 40) -> list[list[list[int]]]:
+    """Real text tokenized, ending in EOS, some documents split into two sequences."""
+    lines = [l for l in (ROOT / "data" / "pretrain" / "train.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
+    documents = []
+    for i in range(count):
+        ids = tokenizer(" ".join(lines[i * 3 : i * 3 + 3]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        documents.append([ids[:5], ids[5:]] if i % 3 == 0 and len(ids) > 6 else [ids])
+    return documents
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tokenizer) -> tuple[Path, list[int]]:
+    """An independently written prefix, and its token stream."""
+    documents = _corpus_documents(tokenizer)
+    prefix = tmp_path_factory.mktemp("shards") / "corpus_text_document"
+    write_megatron(prefix, documents)
+    return prefix, [t for doc in documents for seq in doc for t in seq]
+
+
+def test_reader_cuts_the_stream_of_sequences_into_windows(shards, tokenizer, tokenizer_dir, tmp_path):
+    prefix, stream = shards
+    data = load_training_data(str(prefix), tokenizer, str(tokenizer_dir), 32, str(tmp_path / "cache"), len(tokenizer))
+    assert len(data) == len(stream) // 32 and not (tmp_path / "cache").exists()
+    rows = torch.tensor([3, 0, len(data) - 1])
+    batch = data.batch(rows)
+    for i, row in enumerate(rows.tolist()):
+        assert batch["input_ids"][i].tolist() == stream[row * 32 : (row + 1) * 32]
+    assert batch["input_ids"].dtype == torch.int64 and torch.equal(batch["labels"], batch["input_ids"])
+    assert bool(batch["attention_mask"].all()) and data.target_count(rows) == 3 * 31 and data.token_count(rows) == 96
+    assert data.tokens(5, 100).tolist() == stream[5:105]
+    # Nothing is copied: the sequences are views of the memory map.
+    assert not data.dataset.get(0).flags.owndata
+
+
+def test_int32_shards_and_bad_files(tmp_path, tokenizer, tokenizer_dir):
+    prefix = tmp_path / "wide"
+    write_megatron(prefix, [[[70000, 1, 2]], [[3, 4]]], dtype=np.int32)
+    dataset = IndexedDataset(str(prefix))
+    assert dataset.dtype == np.int32 and dataset[0].tolist() == [70000, 1, 2] and dataset.num_documents == 2
+    data = load_training_data(str(prefix), tokenizer, str(tokenizer_dir), 2, str(tmp_path / "cache"), len(tokenizer))
+    with pytest.raises(UserInputError, match="token id 70000 .* outside the model's vocabulary"):
+        data.batch(torch.tensor([0]))
+    Path(f"{prefix}.idx").write_bytes(b"NOTMEGATRON" + bytes(40))
+    with pytest.raises(UserInputError, match=r"wide.idx: not a Megatron indexed dataset"):
+        IndexedDataset(str(prefix))
+    write_megatron(prefix, [[[1, 2, 3, 4]]])
+    Path(f"{prefix}.bin").write_bytes(b"\x01\x00")
+    with pytest.raises(UserInputError, match=r"wide.bin: 2 bytes, but .* up to byte 8"):
+        IndexedDataset(str(prefix))
+
+
+def test_preprocess_tool_writes_megatrons_layout_with_eod(tmp_path, tokenizer, tokenizer_dir):
+    texts = ["To be, or not to be, that is the question:", "", "Whether 'tis nobler in the mind to suffer"] * 30
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(texts)))
+    (corpus / "b.txt").write_text("The slings and arrows of outrageous fortune,\nOr to take arms", encoding="utf-8")
+    prefix = tmp_path / "out" / "corpus"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(corpus),
+                             "--tokenizer", str(tokenizer_dir), "--output_prefix", str(prefix), "--workers", "2",
+                             "--text_key", "body"], env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokens/s" in result.stdout and "61 documents" in result.stdout  # the empty ones skipped
+    dtype, sequences, doc_index = read_megatron(prefix)
+    expected = [t for t in texts if t] + [(corpus / "b.txt").read_text(encoding="utf-8")]
+    assert dtype == np.dtype("<u2") and doc_index.tolist() == list(range(len(expected) + 1))
+    eos = tokenizer.eos_token_id
+    assert [s.tolist() for s in sequences] == [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in expected]
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["corpus.bin", "corpus.idx"]  # no temporary files left
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"content": "no text"}\n')
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(bad),
+                             "--tokenizer", str(tokenizer_dir), "--output_prefix", str(tmp_path / "bad"), "--workers", "1"],
+                            env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "bad.jsonl: line 2 has no string 'text'" in result.stderr
+    assert not list(tmp_path.glob("bad.*.tmp")) and not (tmp_path / "bad.idx").exists()
+
+
+def test_first_step_loss_is_the_models_loss_on_the_first_windows(shards, tiny_llama, tmp_path):
+    prefix, stream = shards
+    out = tmp_path / "out"
+    run_training(common_args(tiny_llama, prefix, out, block_size=32, per_device_train_batch_size=4, max_steps=2,
+                             no_shuffle=True))
+    first = read_metrics(out)[0]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, local_files_only=True)
+    ids = torch.tensor(stream[: 4 * 32]).view(4, 32)
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss.item()
+    assert first["loss"] == pytest.approx(expected, rel=1e-5) and first["tokens"] == 4 * 32
+
+
+def test_one_rank_equals_two_ranks_on_shards(shards, tiny_llama, tmp_path):
+    prefix, _ = shards
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_training(common_args(tiny_llama, prefix, one, block_size=32, per_device_train_batch_size=4, max_steps=3))
+    run_training(common_args(tiny_llama, prefix, two, block_size=32, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=2, max_steps=3), nproc=2)
+    assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(two)], rel=1e-5)
+    assert_same_weights(final_weights(one), final_weights(two))
