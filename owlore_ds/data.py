@@ -513,6 +513,38 @@ def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int
     return data
 
 
+# ---------------------------------------------------------------- inspecting
+
+
+def render_example(tokenizer, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                   marks: tuple[str, str] = ("[[", "]]")) -> str:
+    """One row decoded as the model reads it (padding left out), runs of loss-bearing tokens wrapped in `marks`.
+
+    Token i bears loss when labels[i] is set and i > 0: the first token is never predicted.
+    Runs are cut from the decoded prefixes, so that SentencePiece's word-initial spaces
+    survive at a run's edge.
+    """
+    ids = input_ids[attention_mask.bool()].tolist()
+    loss = [i > 0 and int(label) != IGNORE_INDEX for i, label in enumerate(labels[: len(ids)].tolist())]
+    bounds = [0] + [i for i in range(1, len(ids)) if loss[i] != loss[i - 1]] + [len(ids)]
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    full, text, done = decode(ids), [], 0
+    for lo, hi in zip(bounds, bounds[1:]):
+        prefix = decode(ids[:hi]) if hi < len(ids) else full
+        piece = prefix[done:] if full.startswith(prefix) and len(prefix) >= done else decode(ids[lo:hi])
+        done = len(prefix)
+        text.append(f"{marks[0]}{piece}{marks[1]}" if loss[lo] else piece)
+    return "".join(text)
+
+
+def dataset_counts(data: TrainingData, block_size: int) -> dict[str, float]:
+    """examples, real tokens, loss-bearing tokens and the share of padding in the blocks."""
+    rows = torch.arange(len(data))
+    tokens = data.token_count(rows)
+    return {"examples": len(data), "tokens": tokens, "loss_tokens": data.target_count(rows),
+            "padding_share": 1.0 - tokens / max(len(data) * block_size, 1)}
+
+
 # ---------------------------------------------------------------- batches
 
 

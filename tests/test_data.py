@@ -227,3 +227,28 @@ def test_rows_of_no_known_format_are_named_with_their_columns(tmp_path):
     mixed = _jsonl(tmp_path / "mixed.jsonl", [{"text": "a"}, {"text": "b"}, {"question": "c", "answer": "d"}])
     with pytest.raises(UserInputError, match=r"mixed.jsonl: row 3 has columns \['answer', 'question'\], .*text_only"):
         read_records(str(mixed))
+
+
+def test_inspect_data_shows_the_instruction_in_the_prompt_and_loss_on_the_response(tmp_path, tiny_llama):
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT, base_env
+
+    rows = [{"instruction": "Name the speaker of this line.", "input": "To be, or not to be", "output": "HAMLET"},
+            {"instruction": "Name the speaker.", "input": "O Romeo, Romeo", "output": "JULIET"}]
+    path = _jsonl(tmp_path / "alpaca.jsonl", rows)
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "inspect_data.py"), "--dataset_path", str(path),
+                             "--model_name_or_path", str(tiny_llama), "--block_size", "64", "--num_examples", "1",
+                             "--cache_dir", str(tmp_path / "cache")],
+                            env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    example = result.stdout.split("----- example 0")[1].split("\n", 1)[1].split("\n-----")[0]  # below the header
+    marked = re.findall(r"\[\[(.*?)\]\]", example, flags=re.S)
+    assert len(marked) == 1 and marked[0].strip() == "HAMLET</s>"  # the response and EOS, nothing else
+    prompt = example.split("[[")[0]
+    assert "Name the speaker of this line.\nTo be, or not to be" in prompt and "### Assistant:" in prompt
+    assert "JULIET" not in result.stdout  # one example asked for
+    counts = result.stdout.strip().splitlines()[-1]
+    assert re.match(r"----- 2 examples of 64 tokens: \d+ tokens, \d+ with loss, padding \d+\.\d% of the blocks", counts)
