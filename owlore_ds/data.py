@@ -138,6 +138,76 @@ class PackedWindows:
         return len(rows) * self.block_size
 
 
+class BlendedWindows:
+    """Windows of several indexed datasets, interleaved in proportion to their weights.
+
+    The blend holds floor(w_d * N) windows of dataset d, N the largest size at which no
+    dataset repeats a window; its k-th pick is window floor(k * len_d / picks_d), spread
+    over the whole of d rather than its start. Picks are placed at times (k + 0.5) / w_d
+    and merged in time order (ties to the earlier dataset), so every stretch of the blend
+    holds the datasets in their weights, as Megatron's BlendedDataset interleaves them.
+    The order is a function of the data and weights alone; GlobalBatches shuffles it
+    with the seed like any dataset.
+    """
+
+    def __init__(self, parts: list[PackedWindows], weights: list[float]):
+        self.parts = parts
+        self.block_size = parts[0].block_size
+        shares = np.asarray(weights, dtype=np.float64) / sum(weights)
+        size = min(len(part) / share for part, share in zip(parts, shares))
+        picks = [int(share * size + 1e-9) for share in shares]
+        times = np.concatenate([(np.arange(n) + 0.5) / share for n, share in zip(picks, shares)])
+        order = np.argsort(times, kind="stable")
+        self.which = np.concatenate([np.full(n, d, dtype=np.int16) for d, n in enumerate(picks)])[order]
+        self.window = np.concatenate([np.arange(n, dtype=np.int64) * len(part) // max(n, 1)
+                                      for part, n in zip(parts, picks)])[order]
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = torch.cat([self.parts[self.which[r]].batch(torch.tensor([self.window[r]]))["input_ids"]
+                         for r in rows.tolist()])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def target_count(self, rows: torch.Tensor) -> int:
+        return len(rows) * (self.block_size - 1)
+
+    def token_count(self, rows: torch.Tensor) -> int:
+        return len(rows) * self.block_size
+
+    def num_tokens(self) -> int:
+        return len(self) * self.block_size
+
+    def tokens(self, start: int, length: int) -> torch.Tensor:
+        first, last = start // self.block_size, (start + length - 1) // self.block_size
+        ids = self.batch(torch.arange(first, last + 1))["input_ids"].flatten()
+        offset = start - first * self.block_size
+        return ids[offset : offset + length]
+
+
+def parse_mix(spec: str) -> list[tuple[str, float]]:
+    """"P1:0.7,P2:0.3" -> [(P1, 0.7), (P2, 0.3)]; every P the prefix of an indexed dataset."""
+    mix = []
+    for entry in spec.split(","):
+        prefix, _, weight = entry.strip().rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not prefix or not value > 0 or not np.isfinite(value):
+            raise UserInputError(f"--data_mix {spec}: {entry.strip()!r} is not PREFIX:WEIGHT with a weight above 0")
+        if not is_prefix(prefix):
+            raise UserInputError(f"--data_mix {spec}: {prefix}.idx and {prefix}.bin do not both exist")
+        mix.append((prefix, value))
+    return mix
+
+
+def is_mix(path: str) -> bool:
+    """A --data_mix spec rather than one path: several entries, or one PREFIX:WEIGHT."""
+    return not os.path.exists(path) and not is_prefix(path) and ":" in path
+
+
 # ---------------------------------------------------------------- reading files
 
 
@@ -483,6 +553,16 @@ def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int
     """Opens a Megatron indexed dataset (a prefix P of P.idx + P.bin) memory-mapped, or reads,
     checks and tokenizes a dataset of the small formats: one process per node tokenizes,
     the rest read its cache."""
+    if is_mix(path):
+        parts, weights = [], []
+        for prefix, weight in parse_mix(path):
+            parts.append(PackedWindows(IndexedDataset(prefix), block_size, vocab_size))
+            weights.append(weight)
+        blend = BlendedWindows(parts, weights)
+        if len(blend) == 0:
+            raise UserInputError(f"--data_mix {path}: a dataset holds fewer than one block of {block_size} tokens")
+        log.info("data mix %s: %d windows of %d tokens", path, len(blend), block_size)
+        return blend
     prefix = path[: -len(".idx")] if path.endswith((".idx", ".bin")) else path
     if is_prefix(prefix):
         windows = PackedWindows(IndexedDataset(prefix), block_size, vocab_size)

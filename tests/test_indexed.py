@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_weights, base_env, common_args, final_weights, run_training
+from conftest import (ROOT, assert_same_weights, base_env, common_args, final_weights, run_training,
+                      straight_and_killed_runs)
 from owlore_ds.data import load_training_data
 from owlore_ds.errors import UserInputError
 from owlore_ds.indexed import IndexedDataset
@@ -169,3 +170,44 @@ def test_one_rank_equals_two_ranks_on_shards(shards, tiny_llama, tmp_path):
                              gradient_accumulation_steps=2, max_steps=3), nproc=2)
     assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(two)], rel=1e-5)
     assert_same_weights(final_weights(one), final_weights(two))
+
+
+def _blend_shards(folder: Path) -> tuple[Path, Path]:
+    """Two prefixes whose windows of 8 tokens are told apart by their token values."""
+    first, second = folder / "first", folder / "second"
+    write_megatron(first, [[[10 + (i % 50)] * 8] for i in range(70)])  # window i of `first` is 8 x (10 + i%50)
+    write_megatron(second, [[[100 + i % 100] * 4, [100 + i % 100] * 4] for i in range(60)])
+    return first, second
+
+
+def test_data_mix_interleaves_in_the_weights_without_repeating(tmp_path, tokenizer, tokenizer_dir):
+    first, second = _blend_shards(tmp_path)
+    data = load_training_data(f"{first}:0.7,{second}:0.3", tokenizer, str(tokenizer_dir), 8, str(tmp_path / "c"),
+                              vocab_size=1000)
+    assert len(data) == 100  # all 70 windows of `first`, 30 of the 60 of `second`
+    heads = data.batch(torch.arange(100))["input_ids"][:, 0].tolist()
+    from_first = [h < 100 for h in heads]
+    for end in range(10, 101, 10):  # every stretch of ten holds seven of `first`
+        assert sum(from_first[:end]) == 7 * end // 10
+    assert [h for h in heads if h < 100] == [10 + i % 50 for i in range(70)]
+    assert [h for h in heads if h >= 100] == [100 + i for i in range(0, 60, 2)]  # spread over all of `second`
+    assert data.tokens(4, 8).tolist() == [heads[0]] * 4 + [heads[1]] * 4
+    for spec, message in ((f"{first}:0.7,{second}:x", "is not PREFIX:WEIGHT"), (f"{first}:0,{second}:1", "above 0"),
+                          (f"{first}:1,{tmp_path / 'nowhere'}:1", "nowhere.idx and .*nowhere.bin do not both exist")):
+        with pytest.raises(UserInputError, match=message):
+            load_training_data(spec, tokenizer, str(tokenizer_dir), 8, str(tmp_path / "c"), vocab_size=1000)
+
+
+def test_data_mix_trains_alike_on_one_and_two_ranks_and_after_a_kill(shards, tiny_llama, tmp_path):
+    prefix, _ = shards
+    second = tmp_path / "second"
+    write_megatron(second, [[list(range(5, 200))]] * 4)
+    mix = f"{prefix}:0.6,{second}:0.4"
+    args = dict(block_size=32, max_steps=4, save_steps=2, dataset_path=None, data_mix=mix, resume_from_checkpoint="auto")
+    straight, resumed = straight_and_killed_runs(tiny_llama, prefix, tmp_path, nproc=2, kill_after=2,
+                                                 per_device_train_batch_size=1, gradient_accumulation_steps=2, **args)
+    assert_same_weights(final_weights(straight), final_weights(resumed), atol=0)
+    one = tmp_path / "one"
+    run_training(common_args(tiny_llama, prefix, one, per_device_train_batch_size=4, **args))
+    assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(straight)], rel=1e-5)
+    assert_same_weights(final_weights(one), final_weights(straight))
