@@ -211,3 +211,29 @@ def test_data_mix_trains_alike_on_one_and_two_ranks_and_after_a_kill(shards, tin
     run_training(common_args(tiny_llama, prefix, one, per_device_train_batch_size=4, **args))
     assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(straight)], rel=1e-5)
     assert_same_weights(final_weights(one), final_weights(straight))
+
+
+def test_a_billion_token_corpus_is_read_without_a_copy(tmp_path, tokenizer, tokenizer_dir):
+    """2 GB of tokens (a sparse file: nothing is written) in four documents; opening it and
+    reading batches raises the resident memory by the pages read, not by the corpus."""
+    prefix = tmp_path / "huge"
+    per_document = 250_000_000
+    write_megatron(prefix, [[[1]], [[1]], [[1]], [[1]]])  # the index of four 1-token documents...
+    raw = bytearray(Path(f"{prefix}.idx").read_bytes())
+    raw[34 : 34 + 16] = np.full(4, per_document, dtype="<i4").tobytes()  # ...grown to 250M tokens each
+    raw[34 + 16 : 34 + 48] = (np.arange(4, dtype="<i8") * per_document * 2).tobytes()
+    Path(f"{prefix}.idx").write_bytes(bytes(raw))
+    with open(f"{prefix}.bin", "wb") as fh:
+        fh.truncate(4 * per_document * 2)
+
+    def resident() -> int:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) * 1024
+
+    before = resident()
+    data = load_training_data(str(prefix), tokenizer, str(tokenizer_dir), 2048, str(tmp_path / "c"), len(tokenizer))
+    assert len(data) == 4 * per_document // 2048
+    for start in (0, 122_069, len(data) - 8):  # the second batch crosses a document boundary
+        batch = data.batch(torch.arange(start, start + 8))
+        assert batch["input_ids"].shape == (8, 2048) and int(batch["input_ids"].sum()) == 0
+    assert resident() - before < 64 * 2**20
