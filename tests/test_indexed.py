@@ -19,7 +19,7 @@ import torch
 
 from conftest import (ROOT, assert_same_weights, base_env, common_args, final_weights, run_training,
                       straight_and_killed_runs)
-from owlore_ds.data import load_training_data
+from owlore_ds.data import calibration_windows, load_training_data
 from owlore_ds.errors import UserInputError
 from owlore_ds.indexed import IndexedDataset
 from owlore_ds.metrics import read_metrics
@@ -101,6 +101,15 @@ def test_reader_cuts_the_stream_of_sequences_into_windows(shards, tokenizer, tok
     assert data.tokens(5, 100).tolist() == stream[5:105]
     # Nothing is copied: the sequences are views of the memory map.
     assert not data.dataset.get(0).flags.owndata
+
+
+def test_calibration_windows_come_from_the_packed_stream(shards, tokenizer, tokenizer_dir, tmp_path):
+    prefix, stream = shards
+    data = load_training_data(str(prefix), tokenizer, str(tokenizer_dir), 32, str(tmp_path / "cache"), len(tokenizer))
+    assert calibration_windows(data, 3, 40, seed=0, sequential=True).tolist() == [stream[i * 40 : (i + 1) * 40] for i in range(3)]
+    drawn = calibration_windows(data, 5, 40, seed=1, sequential=False)
+    starts = [next(s for s in range(len(stream)) if stream[s : s + 40] == row) for row in drawn.tolist()]
+    assert len(set(starts)) > 1
 
 
 def test_int32_shards_and_bad_files(tmp_path, tokenizer, tokenizer_dir):
