@@ -89,13 +89,44 @@ class TokenizedData:
         return self._stream[start : start + length]
 
 
-class PackedWindows:
+class _Windows:
+    """Rows that are whole windows of token stream: no padding, every token with loss."""
+
+    block_size: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def window(self, row: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = torch.stack([self.window(row) for row in rows.tolist()])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def target_count(self, rows: torch.Tensor) -> int:
+        return len(rows) * (self.block_size - 1)
+
+    def token_count(self, rows: torch.Tensor) -> int:
+        return len(rows) * self.block_size
+
+    def num_tokens(self) -> int:
+        return len(self) * self.block_size
+
+    def tokens(self, start: int, length: int) -> torch.Tensor:
+        first, last = start // self.block_size, (start + length - 1) // self.block_size
+        ids = torch.cat([self.window(row) for row in range(first, last + 1)])
+        offset = start - first * self.block_size
+        return ids[offset : offset + length]
+
+
+class PackedWindows(_Windows):
     """An indexed dataset's sequences concatenated in index order and cut into windows of
     `block_size` tokens (the tail shorter than a window is dropped); window i is row i.
 
     Tokens are used as stored (the EOS between documents is the one the preprocessing
-    wrote) and every one carries loss. Rows are read from the memory map on demand; the
-    only array held is the cumulative sequence length (8 bytes a sequence, not a token).
+    wrote). Rows are read from the memory map on demand; the only array held is the
+    cumulative sequence length (8 bytes a sequence, not a token).
     """
 
     def __init__(self, dataset: IndexedDataset, block_size: int, vocab_size: int):
@@ -108,8 +139,8 @@ class PackedWindows:
     def __len__(self) -> int:
         return self._num_tokens // self.block_size
 
-    def num_tokens(self) -> int:
-        return len(self) * self.block_size
+    def window(self, row: int) -> torch.Tensor:
+        return self.tokens(row * self.block_size, self.block_size)
 
     def tokens(self, start: int, length: int) -> torch.Tensor:
         out = np.empty(length, dtype=np.int64)
@@ -127,18 +158,8 @@ class PackedWindows:
                                  f"{start} is outside the model's vocabulary of {self.vocab_size}")
         return torch.from_numpy(out)
 
-    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        ids = torch.stack([self.tokens(int(row) * self.block_size, self.block_size) for row in rows.tolist()])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    def target_count(self, rows: torch.Tensor) -> int:
-        return len(rows) * (self.block_size - 1)
-
-    def token_count(self, rows: torch.Tensor) -> int:
-        return len(rows) * self.block_size
-
-
-class BlendedWindows:
+class BlendedWindows(_Windows):
     """Windows of several indexed datasets, interleaved in proportion to their weights.
 
     The blend holds floor(w_d * N) windows of dataset d, N the largest size at which no
@@ -159,31 +180,14 @@ class BlendedWindows:
         times = np.concatenate([(np.arange(n) + 0.5) / share for n, share in zip(picks, shares)])
         order = np.argsort(times, kind="stable")
         self.which = np.concatenate([np.full(n, d, dtype=np.int16) for d, n in enumerate(picks)])[order]
-        self.window = np.concatenate([np.arange(n, dtype=np.int64) * len(part) // max(n, 1)
+        self.picked = np.concatenate([np.arange(n, dtype=np.int64) * len(part) // max(n, 1)
                                       for part, n in zip(parts, picks)])[order]
 
     def __len__(self) -> int:
         return len(self.which)
 
-    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        ids = torch.cat([self.parts[self.which[r]].batch(torch.tensor([self.window[r]]))["input_ids"]
-                         for r in rows.tolist()])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-    def target_count(self, rows: torch.Tensor) -> int:
-        return len(rows) * (self.block_size - 1)
-
-    def token_count(self, rows: torch.Tensor) -> int:
-        return len(rows) * self.block_size
-
-    def num_tokens(self) -> int:
-        return len(self) * self.block_size
-
-    def tokens(self, start: int, length: int) -> torch.Tensor:
-        first, last = start // self.block_size, (start + length - 1) // self.block_size
-        ids = self.batch(torch.arange(first, last + 1))["input_ids"].flatten()
-        offset = start - first * self.block_size
-        return ids[offset : offset + length]
+    def window(self, row: int) -> torch.Tensor:
+        return self.parts[self.which[row]].window(int(self.picked[row]))
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
