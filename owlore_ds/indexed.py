@@ -117,9 +117,13 @@ class IndexedWriter:
 
     def add_document(self, tokens: Iterable[int] | np.ndarray) -> None:
         array = np.asarray(tokens, dtype=self.dtype)
-        self._bin.write(array.tobytes())
-        self.lengths.append(len(array))
-        self.tokens += len(array)
+        self.add_documents(array, [len(array)])
+
+    def add_documents(self, tokens: np.ndarray, lengths: Iterable[int]) -> None:
+        """Several documents at once: their tokens back to back, and each one's length."""
+        self._bin.write(np.asarray(tokens, dtype=self.dtype).tobytes())
+        self.lengths.extend(int(n) for n in lengths)
+        self.tokens += len(tokens)
 
     def abort(self) -> None:
         """Removes what a writer that will not finish has written."""

@@ -88,9 +88,11 @@ def _start_worker(tokenizer_dir: str) -> None:
     _dtype = token_dtype(len(_tokenizer))
 
 
-def _encode(texts: list[str]) -> list[np.ndarray]:
-    encoded = _tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [np.asarray(ids + [_tokenizer.eos_token_id], dtype=_dtype) for ids in encoded if ids]
+def _encode(texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    """The documents' tokens back to back, and their lengths: one array to send back, not one per document."""
+    encoded = [ids + [_tokenizer.eos_token_id] for ids in _tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
+    flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=_dtype)
+    return flat, [len(ids) for ids in encoded]
 
 
 def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
@@ -112,16 +114,16 @@ def preprocess(input_path: str, tokenizer_dir: str, output_prefix: str, workers:
         if workers > 1:
             import multiprocessing
 
-            pool = multiprocessing.get_context("spawn").Pool(workers, _start_worker, (tokenizer_dir,))
+            # fork: the workers inherit the imported transformers rather than spend seconds importing it.
+            pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (tokenizer_dir,))
             # imap keeps the input order, so the index order is the corpus order whatever the worker count.
             encoded = pool.imap(_encode, batches)
         else:
             encoded = map(_encode, batches)
         with tqdm(unit="tok", unit_scale=True, desc="tokenize", dynamic_ncols=True) as progress:
-            for docs in encoded:
-                for doc in docs:
-                    writer.add_document(doc)
-                progress.update(sum(len(d) for d in docs))
+            for tokens, lengths in encoded:
+                writer.add_documents(tokens, lengths)
+                progress.update(len(tokens))
                 progress.set_postfix(docs=len(writer.lengths))
         writer.finish()
     except BaseException:
