@@ -575,6 +575,10 @@ def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int
         log.info("dataset %s: indexed, %d documents, %d windows of %d tokens", prefix,
                  windows.dataset.num_documents, len(windows), block_size)
         return windows
+    for have, lack in ((".idx", ".bin"), (".bin", ".idx")):
+        if os.path.isfile(prefix + have) and not os.path.exists(path):
+            raise UserInputError(f"--dataset_path {path}: {prefix}{have} exists but {prefix}{lack} does not; "
+                                 "an indexed dataset needs both")
     kind, records, files = read_records(path)  # every rank checks, so every rank raises the same error
     cache_path = os.path.join(os.path.expanduser(cache_dir), "tokenized", f"{_cache_key(files, tokenizer_dir, block_size)}.pt")
     error: Optional[UserInputError] = None

@@ -120,6 +120,10 @@ def test_int32_shards_and_bad_files(tmp_path, tokenizer, tokenizer_dir):
     data = load_training_data(str(prefix), tokenizer, str(tokenizer_dir), 2, str(tmp_path / "cache"), len(tokenizer))
     with pytest.raises(UserInputError, match="token id 70000 .* outside the model's vocabulary"):
         data.batch(torch.tensor([0]))
+    Path(f"{prefix}.bin").rename(tmp_path / "elsewhere.bin")
+    with pytest.raises(UserInputError, match=r"wide.idx exists but .*wide.bin does not"):
+        load_training_data(str(prefix), tokenizer, str(tokenizer_dir), 2, str(tmp_path / "cache"), len(tokenizer))
+    (tmp_path / "elsewhere.bin").rename(f"{prefix}.bin")
     Path(f"{prefix}.idx").write_bytes(b"NOTMEGATRON" + bytes(40))
     with pytest.raises(UserInputError, match=r"wide.idx: not a Megatron indexed dataset"):
         IndexedDataset(str(prefix))
