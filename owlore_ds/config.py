@@ -38,7 +38,10 @@ class TrainConfig:
     # Model and data
     model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={
         "help": "local Hugging Face model folder (default: the embedded models/shakespeare-llama)"})
-    dataset_path: Optional[str] = field(default=None, metadata={"help": "LMFlow JSON, .jsonl/.json/.parquet, or a folder"})
+    dataset_path: Optional[str] = field(default=None, metadata={
+        "help": "LMFlow JSON, .jsonl/.json/.parquet, a folder, or the prefix P of a Megatron indexed dataset (P.idx + P.bin)"})
+    data_mix: Optional[str] = field(default=None, metadata={
+        "help": "a blend of indexed datasets, \"P1:0.7,P2:0.3\" (instead of --dataset_path)"})
     output_dir: Optional[str] = field(default=None, metadata={"help": "where checkpoints, metrics and final/ go"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in an output dir holding another run"})
     block_size: int = field(default=512, metadata={"help": "tokens per example"})
@@ -136,6 +139,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checks that need no file access; raises UserInputError naming the flag."""
+        if self.data_mix is not None:
+            if self.dataset_path is not None:
+                raise UserInputError("--data_mix and --dataset_path contradict each other; give one")
+            # The mix is the dataset: carried as dataset_path, it is part of the run's identity.
+            self.dataset_path = self.data_mix
         for name in ("model_name_or_path", "dataset_path", "output_dir"):
             if not getattr(self, name):
                 raise UserInputError(f"--{name} is required")

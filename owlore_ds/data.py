@@ -2,8 +2,11 @@
 
 Formats (detected from the file):
 - LMFlow JSON: {"type": "text_only" | "text2text" | "conversation", "instances": [...]}
-- rows in .jsonl / .json / .parquet with a `text`, `input`+`output` or `messages`
-  column, or pre-tokenized rows with `input_ids` (optional `labels`)
+- rows in .jsonl / .json / .parquet (ROW_FORMATS): `text`; `input`+`output`;
+  `messages` ({role, content}); Alpaca (`instruction`, `input`, `output`, optional
+  `system`, `history`) and ShareGPT (`conversations` of {from, value}, optional
+  `system`), both read as LLaMA-Factory documents them and rendered with the chat
+  template, loss on the responses only; pre-tokenized `input_ids` (optional `labels`)
 - a folder: every .json/.jsonl/.parquet/.txt file in it (a .txt file is one text)
 
 Every example becomes a row of `block_size` token ids with labels (-100 where no loss
@@ -13,24 +16,48 @@ and the data, never on the number of ranks or on the micro-batch/accumulation sp
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Protocol
 
+import numpy as np
 import torch
 
 from owlore_ds import distributed as dist
 from owlore_ds.errors import UserInputError
+from owlore_ds.indexed import IndexedDataset, is_prefix
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: Alpaca rows were text2text in 1
 KINDS = ("text_only", "text2text", "conversation", "tokenized")
 SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 log = logging.getLogger(__name__)
+
+
+class TrainingData(Protocol):
+    """What the trainer asks of a dataset: rows by index, never the whole dense tensors."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """int64 `input_ids`, `attention_mask` and `labels` of these rows, [len(rows), block_size] each."""
+
+    def target_count(self, rows: torch.Tensor) -> int:
+        """Loss-bearing tokens of these rows, after the causal shift."""
+
+    def token_count(self, rows: torch.Tensor) -> int:
+        """Real (not padding) tokens of these rows."""
+
+    def num_tokens(self) -> int:
+        """Length of the token stream (padding removed) that calibration windows are cut from."""
+
+    def tokens(self, start: int, length: int) -> torch.Tensor:
+        """int64 tokens start..start+length of that stream."""
 
 
 @dataclass
@@ -42,9 +69,147 @@ class TokenizedData:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows], "labels": self.labels[rows]}
+
     def target_count(self, rows: torch.Tensor) -> int:
-        """Loss-bearing tokens of these rows, after the causal shift."""
         return int((self.labels[rows, 1:] != IGNORE_INDEX).sum())
+
+    def token_count(self, rows: torch.Tensor) -> int:
+        return int(self.attention_mask[rows].sum())
+
+    @functools.cached_property
+    def _stream(self) -> torch.Tensor:
+        return self.input_ids[self.attention_mask.bool()]
+
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def tokens(self, start: int, length: int) -> torch.Tensor:
+        return self._stream[start : start + length]
+
+
+class _Windows:
+    """Rows that are whole windows of token stream: no padding, every token with loss."""
+
+    block_size: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def window(self, row: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = torch.stack([self.window(row) for row in rows.tolist()])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def target_count(self, rows: torch.Tensor) -> int:
+        return len(rows) * (self.block_size - 1)
+
+    def token_count(self, rows: torch.Tensor) -> int:
+        return len(rows) * self.block_size
+
+    def num_tokens(self) -> int:
+        return len(self) * self.block_size
+
+    def tokens(self, start: int, length: int) -> torch.Tensor:
+        first, last = start // self.block_size, (start + length - 1) // self.block_size
+        ids = torch.cat([self.window(row) for row in range(first, last + 1)])
+        offset = start - first * self.block_size
+        return ids[offset : offset + length]
+
+
+class PackedWindows(_Windows):
+    """An indexed dataset's sequences concatenated in index order and cut into windows of
+    `block_size` tokens (the tail shorter than a window is dropped); window i is row i.
+
+    Tokens are used as stored (the EOS between documents is the one the preprocessing
+    wrote). Rows are read from the memory map on demand; the only array held is the
+    cumulative sequence length (8 bytes a sequence, not a token).
+    """
+
+    def __init__(self, dataset: IndexedDataset, block_size: int, vocab_size: int):
+        self.dataset = dataset
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.ends = np.cumsum(dataset.lengths, dtype=np.int64)  # end of sequence i in the stream
+        self._num_tokens = int(self.ends[-1]) if len(self.ends) else 0
+
+    def __len__(self) -> int:
+        return self._num_tokens // self.block_size
+
+    def window(self, row: int) -> torch.Tensor:
+        return self.tokens(row * self.block_size, self.block_size)
+
+    def tokens(self, start: int, length: int) -> torch.Tensor:
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        sequence = int(np.searchsorted(self.ends, start, side="right"))
+        while filled < length:
+            begin = int(self.ends[sequence]) - int(self.dataset.lengths[sequence])
+            offset = start + filled - begin
+            piece = self.dataset.get(sequence, offset, min(length - filled, int(self.dataset.lengths[sequence]) - offset))
+            out[filled : filled + len(piece)] = piece
+            filled += len(piece)
+            sequence += 1
+        if length and int(out.max()) >= self.vocab_size:
+            raise UserInputError(f"--dataset_path {self.dataset.prefix}: token id {int(out.max())} near stream position "
+                                 f"{start} is outside the model's vocabulary of {self.vocab_size}")
+        return torch.from_numpy(out)
+
+
+class BlendedWindows(_Windows):
+    """Windows of several indexed datasets, interleaved in proportion to their weights.
+
+    The blend holds floor(w_d * N) windows of dataset d, N the largest size at which no
+    dataset repeats a window; its k-th pick is window floor(k * len_d / picks_d), spread
+    over the whole of d rather than its start. Picks are placed at times (k + 0.5) / w_d
+    and merged in time order (ties to the earlier dataset), so every stretch of the blend
+    holds the datasets in their weights, as Megatron's BlendedDataset interleaves them.
+    The order is a function of the data and weights alone; GlobalBatches shuffles it
+    with the seed like any dataset.
+    """
+
+    def __init__(self, parts: list[PackedWindows], weights: list[float]):
+        self.parts = parts
+        self.block_size = parts[0].block_size
+        shares = np.asarray(weights, dtype=np.float64) / sum(weights)
+        size = min(len(part) / share for part, share in zip(parts, shares))
+        picks = [int(share * size + 1e-9) for share in shares]
+        times = np.concatenate([(np.arange(n) + 0.5) / share for n, share in zip(picks, shares)])
+        order = np.argsort(times, kind="stable")
+        self.which = np.concatenate([np.full(n, d, dtype=np.int16) for d, n in enumerate(picks)])[order]
+        self.picked = np.concatenate([np.arange(n, dtype=np.int64) * len(part) // max(n, 1)
+                                      for part, n in zip(parts, picks)])[order]
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def window(self, row: int) -> torch.Tensor:
+        return self.parts[self.which[row]].window(int(self.picked[row]))
+
+
+def parse_mix(spec: str) -> list[tuple[str, float]]:
+    """"P1:0.7,P2:0.3" -> [(P1, 0.7), (P2, 0.3)]; every P the prefix of an indexed dataset."""
+    mix = []
+    for entry in spec.split(","):
+        prefix, _, weight = entry.strip().rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not prefix or not value > 0 or not np.isfinite(value):
+            raise UserInputError(f"--data_mix {spec}: {entry.strip()!r} is not PREFIX:WEIGHT with a weight above 0")
+        if not is_prefix(prefix):
+            raise UserInputError(f"--data_mix {spec}: {prefix}.idx and {prefix}.bin do not both exist")
+        mix.append((prefix, value))
+    return mix
+
+
+def is_mix(path: str) -> bool:
+    """A --data_mix spec rather than one path: several entries, or one PREFIX:WEIGHT."""
+    return not os.path.exists(path) and not is_prefix(path) and ":" in path
 
 
 # ---------------------------------------------------------------- reading files
@@ -99,23 +264,92 @@ def _load_parquet(path: str) -> list[dict]:
     return table.to_list()
 
 
-def _rows_kind(path: str, rows: list[dict]) -> str:
+# Row formats, tried in this order on each row's columns: (name, required, optional).
+# Alpaca and ShareGPT rows are read as LLaMA-Factory documents them and become `messages`.
+ROW_FORMATS = (
+    ("tokenized", {"input_ids"}, {"labels", "attention_mask"}),
+    ("messages", {"messages"}, set()),
+    ("sharegpt", {"conversations"}, {"system"}),
+    ("alpaca", {"instruction", "output"}, {"input", "system", "history"}),
+    ("text2text", {"input", "output"}, set()),
+    ("text_only", {"text"}, set()),
+)
+_FORMAT_KIND = {"tokenized": "tokenized", "messages": "conversation", "sharegpt": "conversation",
+                "alpaca": "conversation", "text2text": "text2text", "text_only": "text_only"}
+_FORMAT_NAMES = "'text', 'input'+'output', Alpaca 'instruction'+'output', ShareGPT 'conversations', 'messages' or 'input_ids'"
+# LLaMA-Factory's default ShareGPT role tags, and the OpenAI names some files use instead.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def row_format(columns: Iterable[str]) -> Optional[str]:
+    """The first format of ROW_FORMATS whose required columns are all present, or None."""
+    present = set(columns)
+    return next((name for name, required, _ in ROW_FORMATS if required <= present), None)
+
+
+def _alpaca_messages(where: str, row: dict) -> list[dict]:
+    # LLaMA-Factory: history turns first, then the instruction and input joined by a newline.
+    for key in ("instruction", "input", "output", "system"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise UserInputError(f"{where}: {key!r} must be a string")
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    history = row.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history):
+        raise UserInputError(f"{where}: 'history' must be a list of [prompt, response] string pairs")
+    for prompt, response in history:
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    query = "\n".join(part for part in (row["instruction"], row.get("input")) if part)
+    return messages + [{"role": "user", "content": query}, {"role": "assistant", "content": row["output"]}]
+
+
+def _sharegpt_messages(where: str, row: dict) -> list[dict]:
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+        raise UserInputError(f"{where}: 'conversations' must be a list of {{from, value}} objects")
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise UserInputError(f"{where}: 'system' must be a string")
+    messages = [{"role": "system", "content": system}] if system else []
+    for turn in turns:
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise UserInputError(f"{where}: unknown role {turn['from']!r} in 'conversations'; "
+                                 f"expected one of {', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(turn["value"], str):
+            raise UserInputError(f"{where}: every 'value' in 'conversations' must be a string")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _rows_kind(path: str, rows: list[dict]) -> tuple[str, list[dict]]:
+    """Returns (kind, records) of a file of rows; Alpaca and ShareGPT rows become `messages` records.
+
+    Every row must match the format of the first one; a row that matches none, or another
+    one, is an error naming the row (1-based) and the columns it has.
+    """
     if not rows:
         raise UserInputError(f"{path}: holds no examples")
-    columns = rows[0].keys()
-    if "input_ids" in columns:
-        kind = "tokenized"
-    elif "messages" in columns:
-        kind = "conversation"
-    elif "input" in columns and "output" in columns:
-        kind = "text2text"
-    elif "text" in columns:
-        kind = "text_only"
-    else:
-        raise UserInputError(
-            f"{path}: rows need a 'text', 'input'+'output', 'messages' or 'input_ids' column; found {sorted(columns)}"
-        )
-    return kind
+    first = row_format(rows[0].keys()) if isinstance(rows[0], dict) else None
+    records, ignored = [], set()
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise UserInputError(f"{path}: row {number} is not a JSON object")
+        fmt = row_format(row.keys())
+        if fmt is None or fmt != first:
+            expected = f"the {first} format of row 1" if first else f"a known format ({_FORMAT_NAMES})"
+            raise UserInputError(f"{path}: row {number} has columns {sorted(row.keys())}, which do not match {expected}")
+        _, required, optional = next(f for f in ROW_FORMATS if f[0] == fmt)
+        ignored |= set(row.keys()) - required - optional
+        where = f"{path}: row {number}"
+        if fmt == "alpaca":
+            row = {"messages": _alpaca_messages(where, row)}
+        elif fmt == "sharegpt":
+            row = {"messages": _sharegpt_messages(where, row)}
+        records.append(row)
+    if ignored:
+        log.warning("%s: %s rows; ignoring the columns %s", path, first, sorted(ignored))
+    return _FORMAT_KIND[first], records
 
 
 def _read_file(path: str) -> tuple[str, list[dict]]:
@@ -124,11 +358,9 @@ def _read_file(path: str) -> tuple[str, list[dict]]:
         with open(path, encoding="utf-8", errors="replace") as fh:
             return "text_only", [{"text": fh.read()}]
     if path.endswith(".parquet"):
-        rows = _load_parquet(path)
-        return _rows_kind(path, rows), rows
+        return _rows_kind(path, _load_parquet(path))
     if path.endswith(".jsonl"):
-        rows = _load_jsonl(path)
-        return _rows_kind(path, rows), rows
+        return _rows_kind(path, _load_jsonl(path))
     data = _load_json(path)
     if isinstance(data, dict) and "instances" in data:
         kind = data.get("type")
@@ -138,7 +370,7 @@ def _read_file(path: str) -> tuple[str, list[dict]]:
             raise UserInputError(f"{path}: 'instances' is empty or not a list")
         return kind, data["instances"]
     if isinstance(data, list):
-        return _rows_kind(path, data), data
+        return _rows_kind(path, data)
     raise UserInputError(f"{path}: expected an LMFlow object with 'type' and 'instances', or a list of rows")
 
 
@@ -235,13 +467,15 @@ def _text2text(record: dict, tokenizer, block_size: int) -> tuple[list[int], lis
 def _conversation(record: dict, tokenizer, block_size: int) -> tuple[list[int], list[int]]:
     # The whole conversation is tokenized once (tokenizing turn by turn would add
     # SentencePiece's dummy prefix space to every turn); a token is labelled when its
-    # first character lies in the text that the chat template added for an assistant turn.
+    # first character lies in the text that the chat template added for an assistant turn,
+    # less the assistant header (the generation prompt), which is prompt, not response.
     messages = record["messages"]
     spans, rendered = [], ""
     for i, message in enumerate(messages):
         text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if message["role"] == "assistant":
-            spans.append((len(rendered), len(text)))
+            header = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            spans.append((len(header) if header and text.startswith(header) else len(rendered), len(text)))
         rendered = text
     encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
@@ -318,15 +552,41 @@ def _save_atomic(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int, cache_dir: str, vocab_size: int) -> TokenizedData:
-    """Reads, checks and tokenizes the dataset; one process per node tokenizes, the rest read its cache."""
+def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int, cache_dir: str,
+                       vocab_size: int) -> TrainingData:
+    """Opens a Megatron indexed dataset (a prefix P of P.idx + P.bin) memory-mapped, or reads,
+    checks and tokenizes a dataset of the small formats: one process per node tokenizes,
+    the rest read its cache."""
+    if is_mix(path):
+        parts, weights = [], []
+        for prefix, weight in parse_mix(path):
+            parts.append(PackedWindows(IndexedDataset(prefix), block_size, vocab_size))
+            weights.append(weight)
+        blend = BlendedWindows(parts, weights)
+        if len(blend) == 0:
+            raise UserInputError(f"--data_mix {path}: a dataset holds fewer than one block of {block_size} tokens")
+        log.info("data mix %s: %d windows of %d tokens", path, len(blend), block_size)
+        return blend
+    prefix = path[: -len(".idx")] if path.endswith((".idx", ".bin")) else path
+    if is_prefix(prefix):
+        windows = PackedWindows(IndexedDataset(prefix), block_size, vocab_size)
+        if len(windows) == 0:
+            raise UserInputError(f"--dataset_path {path}: {windows.num_tokens()} tokens, fewer than one block of {block_size}")
+        log.info("dataset %s: indexed, %d documents, %d windows of %d tokens", prefix,
+                 windows.dataset.num_documents, len(windows), block_size)
+        return windows
+    for have, lack in ((".idx", ".bin"), (".bin", ".idx")):
+        if os.path.isfile(prefix + have) and not os.path.exists(path):
+            raise UserInputError(f"--dataset_path {path}: {prefix}{have} exists but {prefix}{lack} does not; "
+                                 "an indexed dataset needs both")
     kind, records, files = read_records(path)  # every rank checks, so every rank raises the same error
     cache_path = os.path.join(os.path.expanduser(cache_dir), "tokenized", f"{_cache_key(files, tokenizer_dir, block_size)}.pt")
     error: Optional[UserInputError] = None
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(cache_path):
         try:
             data = tokenize_records(kind, records, tokenizer, block_size)
-            _save_atomic(data.__dict__, cache_path)
+            _save_atomic({"input_ids": data.input_ids, "labels": data.labels, "attention_mask": data.attention_mask},
+                         cache_path)
         except UserInputError as exc:
             error = exc
     if not dist.all_agree(error is None):
@@ -339,6 +599,38 @@ def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int
         raise UserInputError(f"--dataset_path {path}: token id {top} is outside the model's vocabulary of {vocab_size}")
     log.info("dataset %s: %s, %d examples of %d tokens", path, kind, len(data), block_size)
     return data
+
+
+# ---------------------------------------------------------------- inspecting
+
+
+def render_example(tokenizer, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                   marks: tuple[str, str] = ("[[", "]]")) -> str:
+    """One row decoded as the model reads it (padding left out), runs of loss-bearing tokens wrapped in `marks`.
+
+    Token i bears loss when labels[i] is set and i > 0: the first token is never predicted.
+    Runs are cut from the decoded prefixes, so that SentencePiece's word-initial spaces
+    survive at a run's edge.
+    """
+    ids = input_ids[attention_mask.bool()].tolist()
+    loss = [i > 0 and int(label) != IGNORE_INDEX for i, label in enumerate(labels[: len(ids)].tolist())]
+    bounds = [0] + [i for i in range(1, len(ids)) if loss[i] != loss[i - 1]] + [len(ids)]
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    full, text, done = decode(ids), [], 0
+    for lo, hi in zip(bounds, bounds[1:]):
+        prefix = decode(ids[:hi]) if hi < len(ids) else full
+        piece = prefix[done:] if full.startswith(prefix) and len(prefix) >= done else decode(ids[lo:hi])
+        done = len(prefix)
+        text.append(f"{marks[0]}{piece}{marks[1]}" if loss[lo] else piece)
+    return "".join(text)
+
+
+def dataset_counts(data: TrainingData, block_size: int) -> dict[str, float]:
+    """examples, real tokens, loss-bearing tokens and the share of padding in the blocks."""
+    rows = torch.arange(len(data))
+    tokens = data.token_count(rows)
+    return {"examples": len(data), "tokens": tokens, "loss_tokens": data.target_count(rows),
+            "padding_share": 1.0 - tokens / max(len(data) * block_size, 1)}
 
 
 # ---------------------------------------------------------------- batches
@@ -383,18 +675,18 @@ class GlobalBatches:
         return rows[start : start + micro_batch]
 
 
-def calibration_windows(data: TokenizedData, nsamples: int, seqlen: int, seed: int, sequential: bool) -> torch.Tensor:
+def calibration_windows(data: TrainingData, nsamples: int, seqlen: int, seed: int, sequential: bool) -> torch.Tensor:
     """[nsamples, seqlen] token windows from the dataset's real tokens (padding removed).
 
     Random windows (seeded) as OWL draws them from C4, or with `sequential` the first
     `nsamples` consecutive windows in file order.
     """
-    stream = data.input_ids[data.attention_mask.bool()]
-    if stream.numel() < seqlen:
-        raise UserInputError(f"the calibration data has {stream.numel()} tokens, fewer than one window of {seqlen}")
+    total = data.num_tokens()
+    if total < seqlen:
+        raise UserInputError(f"the calibration data has {total} tokens, fewer than one window of {seqlen}")
     if sequential:
-        count = min(nsamples, stream.numel() // seqlen)
-        return stream[: count * seqlen].view(count, seqlen)
+        count = min(nsamples, total // seqlen)
+        return data.tokens(0, count * seqlen).view(count, seqlen)
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seqlen + 1, (nsamples,), generator=generator)
-    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, total - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([data.tokens(s, seqlen) for s in starts.tolist()])

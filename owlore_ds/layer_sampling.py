@@ -15,7 +15,7 @@ import torch
 
 from owlore_ds import distributed as dist
 from owlore_ds.config import TrainConfig
-from owlore_ds.data import TokenizedData, calibration_windows
+from owlore_ds.data import TrainingData, calibration_windows
 from owlore_ds.errors import UserInputError
 from owlore_ds.layerwise import LayerwiseOptimizer
 from owlore_ds.outliers import compute_layer_outlier_ratios, load_ratios, model_fingerprint, save_ratios
@@ -59,7 +59,7 @@ def _sum_over_ranks(tensor: torch.Tensor) -> None:
         torch.distributed.all_reduce(tensor)
 
 
-def outlier_ratios(cfg: TrainConfig, model: torch.nn.Module, data: TokenizedData) -> list[float]:
+def outlier_ratios(cfg: TrainConfig, model: torch.nn.Module, data: TrainingData) -> list[float]:
     """The OWL ratios for this model: from --outlier_ratios, OUT's cache, or computed now and cached.
 
     Computed by every rank together: each runs its share of the calibration windows

@@ -17,7 +17,7 @@ import torch
 
 from owlore_ds import checkpoint, distributed as dist, ds_config, methods, metrics
 from owlore_ds.config import TrainConfig
-from owlore_ds.data import GlobalBatches, TokenizedData, load_training_data
+from owlore_ds.data import GlobalBatches, TrainingData, load_training_data
 from owlore_ds.layer_sampling import outlier_ratios
 from owlore_ds.modeling import check_block_size, load_model, load_tokenizer, read_model_config
 
@@ -40,7 +40,7 @@ class Trainer:
         metrics.check_reporter(cfg.report_to)
         self.ds_config = ds_config.fill(ds_config.read(cfg.deepspeed), cfg, self.world, self.model_config.hidden_size)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path)
-        self.data: TokenizedData = load_training_data(
+        self.data: TrainingData = load_training_data(
             cfg.dataset_path, self.tokenizer, cfg.model_name_or_path, cfg.block_size, cfg.cache_dir,
             self.model_config.vocab_size)
         self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
@@ -76,9 +76,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _micro_batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.data.input_ids[rows].to(self.device),
-                "attention_mask": self.data.attention_mask[rows].to(self.device),
-                "labels": self.data.labels[rows].to(self.device)}
+        return {key: value.to(self.device) for key, value in self.data.batch(rows).items()}
 
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -99,7 +97,7 @@ class Trainer:
         peak, state_bytes, offloaded = dist.all_reduce(
             [metrics.peak_memory_bytes(self.memory_baseline), on_device, offloaded], op="max")
         step_time = time.perf_counter() - start
-        tokens = int(self.data.attention_mask[rows].sum())
+        tokens = self.data.token_count(rows)
         record = {
             "step": self.step, "loss": total_loss / targets, "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),

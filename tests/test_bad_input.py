@@ -75,6 +75,14 @@ def test_unknown_type_and_empty_dataset(tmp_path, tiny_llama):
     _expect_error(common_args(tiny_llama, data, out), out, "--dataset_path", "empty")
 
 
+def test_rows_of_unknown_columns_name_file_row_and_columns(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"question": "c", "reply": "d"}))
+    _expect_error(common_args(tiny_llama, data, out), out, "qa.jsonl", "row 2", "['question', 'reply']")
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
 def test_block_size_beyond_model_positions(tmp_path, tiny_llama, task_data):
     out = tmp_path / "out"
     _expect_error(common_args(tiny_llama, task_data, out, block_size=1024), out, "--block_size 1024",

@@ -23,6 +23,13 @@ def test_yaml_values_are_overridden_by_flags(tmp_path):
     assert parse_args(REQUIRED + ["--no_shuffle"]).no_shuffle is True
 
 
+def test_data_mix_is_the_dataset_and_excludes_dataset_path():
+    cfg = parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--data_mix", "a:0.7,b:0.3"])
+    assert cfg.dataset_path == "a:0.7,b:0.3"  # so that a resumed run must train on the same mix
+    with pytest.raises(UserInputError, match="--data_mix and --dataset_path contradict"):
+        parse_args(REQUIRED + ["--data_mix", "a:1"])
+
+
 @pytest.mark.parametrize("text,message", [
     ("learning_rat: 1\n", "unknown key 'learning_rat'"),
     ("max_steps: many\n", "key 'max_steps' expects int"),

@@ -69,7 +69,7 @@ def test_conversation_takes_loss_on_assistant_turns(tmp_path, tokenizer, tokeniz
                  tokenizer, tokenizer_dir, block_size=96)
     target_text = tokenizer.decode(_targets(data, 0))
     assert "Hamlet." in target_text and "The ghost." in target_text
-    assert "Prince" not in target_text and "father" not in target_text
+    assert "Prince" not in target_text and "father" not in target_text and "Assistant" not in target_text
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     assert tokenizer.decode(data.input_ids[0][data.attention_mask[0].bool()]) == tokenizer.decode(
         tokenizer(full, add_special_tokens=False)["input_ids"])
@@ -164,3 +164,91 @@ def test_bad_jsonl_line_is_named(tmp_path):
     path = _write(tmp_path / "rows.jsonl", '{"text": "fine"}\n{"text": broken}\n')
     with pytest.raises(UserInputError, match=r"rows.jsonl: line 2 is not valid JSON"):
         read_records(str(path))
+
+
+# ---------------------------------------------------------------- Alpaca and ShareGPT (LLaMA-Factory's formats)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    return _write(path, "\n".join(json.dumps(r) for r in rows))
+
+
+def _prompt_and_targets(data, row: int, tokenizer) -> tuple[str, str]:
+    """The whole example decoded, and only its loss-bearing tokens decoded."""
+    return tokenizer.decode(data.input_ids[row][data.attention_mask[row].bool()]), tokenizer.decode(_targets(data, row))
+
+
+def test_alpaca_renders_instruction_input_system_and_history_with_loss_on_responses(tmp_path, tokenizer, tokenizer_dir):
+    rows = [{"instruction": "Name the speaker.", "input": "To be, or not to be", "output": "HAMLET"},
+            {"instruction": "Name the speaker.", "input": "", "output": "ROMEO", "system": "Answer in capitals.",
+             "history": [["Which play?", "Romeo and Juliet"]]}]
+    path = _jsonl(tmp_path / "alpaca.jsonl", rows)
+    kind, records, _ = read_records(str(path))
+    assert kind == "conversation"
+    assert records[0]["messages"] == [{"role": "user", "content": "Name the speaker.\nTo be, or not to be"},
+                                      {"role": "assistant", "content": "HAMLET"}]
+    assert [m["role"] for m in records[1]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    data = _load(path, tokenizer, tokenizer_dir, block_size=96)
+    text, targets = _prompt_and_targets(data, 0, tokenizer)
+    # The instruction is no longer dropped: it and the input form the user turn.
+    assert "Name the speaker." in text and "To be, or not to be" in text
+    assert targets.replace(tokenizer.eos_token, "").strip() == "HAMLET"  # the assistant header is prompt too
+    text, targets = _prompt_and_targets(data, 1, tokenizer)
+    assert "Answer in capitals." in text and "Which play?" in text
+    assert "Romeo and Juliet" in targets and "ROMEO" in targets
+    assert "Name the speaker" not in targets and "Which play" not in targets and "capitals" not in targets
+
+
+def test_sharegpt_maps_roles_like_the_equivalent_messages(tmp_path, tokenizer, tokenizer_dir):
+    sharegpt = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Who is Yorick?"},
+                                   {"from": "gpt", "value": "A jester."}, {"from": "user", "value": "Whose?"},
+                                   {"from": "assistant", "value": "The king's."}]},
+                {"system": "Be kind.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    messages = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Yorick?"},
+                              {"role": "assistant", "content": "A jester."}, {"role": "user", "content": "Whose?"},
+                              {"role": "assistant", "content": "The king's."}]},
+                {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello"}]}]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    got = _load(_jsonl(tmp_path / "a" / "sharegpt.jsonl", sharegpt), tokenizer, tokenizer_dir, block_size=96)
+    want = _load(_jsonl(tmp_path / "b" / "messages.jsonl", messages), tokenizer, tokenizer_dir, block_size=96)
+    assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
+    text, targets = _prompt_and_targets(got, 0, tokenizer)
+    assert "Who is Yorick?" in text and "A jester." in targets and "The king's." in targets and "Yorick" not in targets
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "narrator", "value": "Enter ghost"}]}])
+    with pytest.raises(UserInputError, match=r"bad.jsonl: row 1: unknown role 'narrator'"):
+        read_records(str(bad))
+
+
+def test_rows_of_no_known_format_are_named_with_their_columns(tmp_path):
+    path = _jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(UserInputError, match=r"pc.jsonl: row 1 has columns \['completion', 'prompt'\]"):
+        read_records(str(path))
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"text": "a"}, {"text": "b"}, {"question": "c", "answer": "d"}])
+    with pytest.raises(UserInputError, match=r"mixed.jsonl: row 3 has columns \['answer', 'question'\], .*text_only"):
+        read_records(str(mixed))
+
+
+def test_inspect_data_shows_the_instruction_in_the_prompt_and_loss_on_the_response(tmp_path, tiny_llama):
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT, base_env
+
+    rows = [{"instruction": "Name the speaker of this line.", "input": "To be, or not to be", "output": "HAMLET"},
+            {"instruction": "Name the speaker.", "input": "O Romeo, Romeo", "output": "JULIET"}]
+    path = _jsonl(tmp_path / "alpaca.jsonl", rows)
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "inspect_data.py"), "--dataset_path", str(path),
+                             "--model_name_or_path", str(tiny_llama), "--block_size", "64", "--num_examples", "1",
+                             "--cache_dir", str(tmp_path / "cache")],
+                            env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    example = result.stdout.split("----- example 0")[1].split("\n", 1)[1].split("\n-----")[0]  # below the header
+    marked = re.findall(r"\[\[(.*?)\]\]", example, flags=re.S)
+    assert len(marked) == 1 and marked[0].strip() == "HAMLET</s>"  # the response and EOS, nothing else
+    prompt = example.split("[[")[0]
+    assert "Name the speaker of this line.\nTo be, or not to be" in prompt and "### Assistant:" in prompt
+    assert "JULIET" not in result.stdout  # one example asked for
+    counts = result.stdout.strip().splitlines()[-1]
+    assert re.match(r"----- 2 examples of 64 tokens: \d+ tokens, \d+ with loss, padding \d+\.\d% of the blocks", counts)

@@ -194,9 +194,9 @@ class Peer:
         loss_sum = 0.0
         for micro_step in range(cfg.gradient_accumulation_steps):
             micro = GlobalBatches.micro_rows(rows, micro_step, 0, 1, cfg.per_device_train_batch_size)
-            logits = self.model(input_ids=data.input_ids[micro].to(self.device),
-                                attention_mask=data.attention_mask[micro].to(self.device)).logits
-            micro_loss = causal_lm_loss_sum(logits, data.labels[micro].to(self.device))
+            batch = {key: value.to(self.device) for key, value in data.batch(micro).items()}
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            micro_loss = causal_lm_loss_sum(logits, batch["labels"])
             (micro_loss / targets).backward()  # the gradient of the global-batch mean, as in the trainer
             loss_sum += micro_loss.item()
         trainable = [p for p in self.model.parameters() if p.grad is not None]
@@ -208,7 +208,7 @@ class Peer:
         state_bytes = optimizer_state_bytes(self.optimizer)
         peak = metrics.peak_memory_bytes(self.memory_baseline)
         step_time = time.perf_counter() - start
-        tokens = int(data.attention_mask[rows].sum())
+        tokens = data.token_count(rows)
         return {"step": step + 1, "loss": loss_sum / targets, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens": tokens, "tokens_per_s": tokens / step_time, "step_time_s": step_time,
                 "optimizer_state_bytes": state_bytes, "peak_memory_bytes": int(peak),

@@ -1,0 +1,54 @@
+"""Show the first training examples exactly as the trainer sees them, before a long run.
+
+    python tools/inspect_data.py --dataset_path DATA --model_name_or_path MODEL [--block_size N] [--num_examples K]
+
+Each example is printed decoded (special tokens included, padding left out) with the
+tokens that carry loss wrapped in [[ ]]; then the counts: examples, tokens, loss-bearing
+tokens and the share of padding. DATA is anything --dataset_path takes (a file, a folder,
+or the prefix of a Megatron indexed dataset); the tokenized cache is the trainer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from owlore_ds.cli import run_main  # noqa: E402
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import torch
+
+    from owlore_ds.data import dataset_counts, load_training_data, render_example
+    from owlore_ds.modeling import check_block_size, load_tokenizer, read_model_config
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset_path", required=True)
+    parser.add_argument("--model_name_or_path", required=True, help="model folder (its tokenizer and chat template)")
+    parser.add_argument("--block_size", type=int, default=512, help="tokens per example, as given to training")
+    parser.add_argument("--num_examples", type=int, default=3)
+    parser.add_argument("--cache_dir", default="~/.cache/owlore_ds", help="tokenized-data cache, as given to training")
+    args = parser.parse_args(argv)
+
+    config = read_model_config(args.model_name_or_path)
+    check_block_size(config, args.block_size, args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    data = load_training_data(args.dataset_path, tokenizer, args.model_name_or_path, args.block_size, args.cache_dir,
+                              config.vocab_size)
+    shown = min(args.num_examples, len(data))
+    batch = data.batch(torch.arange(shown))
+    for i in range(shown):
+        print(f"----- example {i} ({int(batch['attention_mask'][i].sum())} tokens, "
+              f"{data.target_count(torch.tensor([i]))} with loss, marked [[ ]])")
+        print(render_example(tokenizer, batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]))
+    counts = dataset_counts(data, args.block_size)
+    print(f"----- {counts['examples']} examples of {args.block_size} tokens: {counts['tokens']} tokens, "
+          f"{counts['loss_tokens']} with loss, padding {100 * counts['padding_share']:.1f}% of the blocks")
+
+
+if __name__ == "__main__":
+    run_main(main)
