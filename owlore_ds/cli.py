@@ -12,7 +12,9 @@ from owlore_ds.errors import UserInputError
 
 
 def setup_logging() -> None:
-    main_rank = os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) == "0"
+    # Before the launcher's variables are mapped (owlore_ds.distributed), in the same precedence.
+    rank_keys = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+    main_rank = next((os.environ[k] for k in rank_keys if k in os.environ), "0") == "0"
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):

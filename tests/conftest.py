@@ -68,6 +68,18 @@ def run_training(args: list[str], nproc: int = 1, launcher: Optional[str] = None
     return result
 
 
+def start_slurm_tasks(args: list[str], ntasks: int, port: int, nodelist: str = "localhost",
+                      extra_env: Optional[dict[str, str]] = None, **popen) -> list[subprocess.Popen]:
+    """Starts `ntasks` plain `python launch/train.py` processes with the variables `srun` sets for
+    the tasks of one node (and no RANK/MASTER_ADDR): what an sbatch job step looks like to us."""
+    tasks = []
+    for task in range(ntasks):
+        env = {**base_env(port), "SLURM_PROCID": str(task), "SLURM_NTASKS": str(ntasks), "SLURM_LOCALID": str(task),
+               "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": nodelist, **(extra_env or {})}
+        tasks.append(subprocess.Popen(launch_command("python", 1, port, args), env=env, cwd=ROOT, **popen))
+    return tasks
+
+
 def _kill_processes_writing(output_dir: Path) -> None:
     """SIGKILLs the launcher and every rank of the run writing `output_dir`. torchrun starts
     each rank in a session of its own, so killing the launcher's process group is not enough."""

@@ -1,0 +1,97 @@
+"""Cluster runtime: SLURM variables, collective timeouts, durable checkpoints, failure
+agreement and preemption, all with real processes."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import (ROOT, assert_same_weights, base_env, common_args, final_weights, run_training,
+                      start_slurm_tasks)
+from owlore_ds.distributed import expand_nodelist, free_port, map_launcher_env, remove_shm_buffers
+from owlore_ds.errors import UserInputError
+from owlore_ds.metrics import read_metrics
+
+ZERO2 = ROOT / "ds_configs" / "zero2.json"
+
+
+@pytest.mark.parametrize("nodelist,hosts", [
+    ("n1,n2", ["n1", "n2"]),
+    ("node[01-04,07],gpu-a3", ["node01", "node02", "node03", "node04", "node07", "gpu-a3"]),
+    ("gpu-a3,node[8-10]", ["gpu-a3", "node8", "node9", "node10"]),
+    ("node[098-101]", ["node098", "node099", "node100", "node101"]),
+    ("r[1-2]n[3,5]", ["r1n3", "r1n5", "r2n3", "r2n5"]),
+    ("a[1]-ib,b", ["a1-ib", "b"]),
+    ("single", ["single"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["node[01-04", "node[4-2]", "node[a-b]", ""])
+def test_bad_nodelist_is_refused(nodelist):
+    with pytest.raises(UserInputError, match="SLURM_JOB_NODELIST"):
+        expand_nodelist(nodelist)
+
+
+def test_slurm_variables_map_to_torch_ones():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+           "SLURM_JOB_NODELIST": "node[07-10]", "SLURM_JOB_ID": "123456"}
+    map_launcher_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["NODE_RANK"]) == ("5", "8", "1", "2")
+    assert env["MASTER_ADDR"] == "node07"
+    assert env["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    # An exported MASTER_ADDR/PORT wins; a launcher's RANK wins over SLURM's (torchrun in sbatch);
+    # MPI's wins too (mpirun in an sbatch script inherits the script's SLURM_PROCID=0).
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1,n2", "MASTER_ADDR": "head",
+           "MASTER_PORT": "1234"}
+    map_launcher_env(env)
+    assert (env["RANK"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == ("1", "0", "head", "1234")
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+           "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    map_launcher_env(env)
+    assert (env["RANK"], env["LOCAL_RANK"]) == ("3", "1")
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1",
+           "MPI_LOCALNRANKS": "2"}
+    map_launcher_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("1", "2", "127.0.0.1")
+    with pytest.raises(UserInputError, match="MASTER_ADDR"):
+        map_launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def _run_slurm_tasks(args: list[str], ntasks: int, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    port = free_port()
+    tasks = start_slurm_tasks(args, ntasks, port, nodelist="localhost,gpu-b[01-02]", stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        outputs = [task.communicate(timeout=timeout) for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+        remove_shm_buffers(port)
+    for task, (stdout, stderr) in zip(tasks, outputs):
+        assert task.returncode == 0, f"task failed ({task.returncode}):\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    return outputs
+
+
+@pytest.mark.parametrize("method", ["full", "owlore"])
+def test_two_slurm_tasks_equal_one_process(tmp_path, make_tiny_model, task_data, method):
+    """Two `srun` tasks (variables set by hand, MASTER_ADDR from the node list) train as one
+    process with the same global batch of 4."""
+    model = make_tiny_model("llama", num_layers=4)
+    extra = dict(deepspeed=ZERO2, max_steps=4)
+    if method == "owlore":
+        extra.update(method="owlore", lisa_activated_layers=2, lisa_interval_steps=2, owl_nsamples=4,
+                     galore_rank=8, galore_update_proj_gap=3, galore_scale=0.5)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_training(common_args(model, task_data, one, per_device_train_batch_size=4, **extra))
+    _run_slurm_tasks(common_args(model, task_data, two, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                                 **extra), ntasks=2)
+    import json
+
+    assert json.loads((two / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 2
+    losses_one, losses_two = [m["loss"] for m in read_metrics(one)], [m["loss"] for m in read_metrics(two)]
+    assert len(losses_two) == 4
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+    assert_same_weights(final_weights(one), final_weights(two))
