@@ -12,6 +12,7 @@ import glob
 import os
 import re
 import socket
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -146,13 +147,23 @@ def select_accelerator() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-def init() -> None:
-    """Maps the launcher's variables and starts the process group on the accelerator's backend."""
+def init(timeout_s: float = 1800) -> None:
+    """Maps the launcher's variables and starts the process group on the accelerator's backend.
+
+    `timeout_s` bounds every collective (--ddp_timeout): a rank that died or hangs makes the
+    others fail after that long instead of waiting forever.
+    """
     map_launcher_env()
     select_accelerator()
     import deepspeed
+    from torch.distributed import distributed_c10d
 
-    deepspeed.init_distributed(dist_init_required=True)
+    timeout = timedelta(seconds=timeout_s)
+    # Groups created later with no timeout of their own (DeepSpeed's new_group calls) take
+    # torch's module defaults, read at creation time: make them ours too.
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_init_required=True, timeout=timeout)
     from deepspeed.accelerator import get_accelerator
 
     get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))

@@ -259,7 +259,7 @@ class Trainer:
 
 
 def run(cfg: TrainConfig) -> None:
-    dist.init()
+    dist.init(cfg.ddp_timeout)
     try:
         Trainer(cfg).train()
     finally:

@@ -3,7 +3,9 @@ agreement and preemption, all with real processes."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -95,3 +97,38 @@ def test_two_slurm_tasks_equal_one_process(tmp_path, make_tiny_model, task_data,
     assert len(losses_two) == 4
     assert losses_two == pytest.approx(losses_one, rel=1e-5)
     assert_same_weights(final_weights(one), final_weights(two))
+
+
+def _wait_for_steps(out, steps: int, tasks: list[subprocess.Popen], deadline_s: float = 240) -> None:
+    """Waits until rank 0 has logged `steps` optimizer steps (training is under way)."""
+    deadline = time.time() + deadline_s
+    while len(read_metrics(out)) < steps if (out / "metrics.jsonl").exists() else True:
+        assert all(task.poll() is None for task in tasks), "a task ended before training was under way"
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_dead_or_hung_rank_ends_the_others_within_ddp_timeout(tmp_path, tiny_llama, task_data, fault):
+    """Rank 1 is killed (or stopped: alive but never answering) mid-run; rank 0 must exit non-zero
+    within --ddp_timeout (20 s here) plus its shutdown, not wait for DeepSpeed's 10 minutes."""
+    out, port, timeout_s = tmp_path / "out", free_port(), 20
+    args = common_args(tiny_llama, task_data, out, deepspeed=ZERO2, per_device_train_batch_size=1, max_steps=100000,
+                       ddp_timeout=timeout_s)
+    tasks = start_slurm_tasks(args, 2, port, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_steps(out, 3, tasks)
+        tasks[1].send_signal(fault)
+        start = time.time()
+        _, stderr = tasks[0].communicate(timeout=timeout_s + 60)
+        elapsed = time.time() - start
+    finally:
+        for task in tasks:
+            task.kill()
+            task.wait()
+        remove_shm_buffers(port)
+    assert tasks[0].returncode not in (0, None), stderr[-3000:]
+    assert elapsed < timeout_s + 40, elapsed
+    if fault == signal.SIGSTOP:  # nothing but the timeout can end a wait for a live, silent peer
+        assert elapsed > timeout_s - 5, elapsed
+        assert "timed out" in stderr.lower(), stderr[-3000:]
