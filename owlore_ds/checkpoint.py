@@ -8,20 +8,22 @@ so a crash mid-save leaves the previous checkpoint as the newest complete one.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import logging
 import os
 import random
 import re
 import shutil
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from owlore_ds import distributed as dist
 from owlore_ds.config import RUN_IDENTITY_FIELDS, TrainConfig
-from owlore_ds.errors import UserInputError
+from owlore_ds.errors import CheckpointError, UserInputError
 
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
@@ -30,6 +32,8 @@ RUN_CONFIG = "run_config.json"
 WEIGHTS_FILE = "model.safetensors"
 FUSED_STATE = "fused_state.pt"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_RE = re.compile(r"^checkpoint-\d+\.tmp$")
+log = logging.getLogger("owlore_ds")
 
 
 def run_identity(cfg: TrainConfig, global_batch: int) -> dict[str, Any]:
@@ -147,9 +151,21 @@ def prepare_output_dir(cfg: TrainConfig, identity: dict[str, Any], resuming: boo
                 if os.path.exists(os.path.join(out, name)):
                     os.remove(os.path.join(out, name))
         os.makedirs(out, exist_ok=True)
+        remove_stale_tmp(out)
         if not resuming:
             _write_json(os.path.join(out, RUN_CONFIG), {"run_identity": identity, "config": cfg.to_dict()})
     dist.barrier()
+
+
+def remove_stale_tmp(output_dir: str) -> list[str]:
+    """Removes the `checkpoint-N.tmp` folders that saves cut short by a crash left in
+    `output_dir` (that exact pattern only); returns them."""
+    stale = [os.path.join(output_dir, name) for name in os.listdir(output_dir)
+             if _TMP_RE.match(name) and os.path.isdir(os.path.join(output_dir, name))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by an interrupted save", path)
+    return stale
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
@@ -160,17 +176,26 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    """This rank's generator states as plain tensors and numbers, so the file loads with
+    torch.load(weights_only=True) (numpy's state holds an ndarray, which would need pickle)."""
     from deepspeed.accelerator import get_accelerator
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "accelerator": get_accelerator().get_rng_state()}
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     from deepspeed.accelerator import get_accelerator
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     get_accelerator().set_rng_state(state["accelerator"])
 
@@ -191,6 +216,86 @@ def load_rank_states(path: str, state: dict[str, Any]) -> list[Optional[dict[str
         raise UserInputError(f"{path}: corrupt checkpoint ({type(exc).__name__} reading the optimizer state)") from None
 
 
+class _WriteErrors:
+    """This rank's first write error of a save, kept instead of raised.
+
+    A rank that raised in the middle of a save would leave the others waiting in the save's
+    next collective (DeepSpeed's own barriers included) until --ddp_timeout. Kept errors let
+    every rank take part in every collective of the save; the ranks then agree on the
+    outcome and all fail together, each naming the file and the reason.
+    """
+
+    def __init__(self) -> None:
+        self.error: Optional[str] = None
+
+    def run(self, path: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.error is not None:
+            return None  # after a failure on this rank, skip the remaining writes
+        try:
+            return write(*args, **kwargs)
+        except Exception as exc:  # ENOSPC and EIO surface as OSError or torch's RuntimeError
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            self.error = f"{path}: {reason}{_free_space_note(path)}"
+            return None
+
+    def agree(self, what: str) -> None:
+        """Raises CheckpointError on every rank when any rank failed (a collective: every rank calls it)."""
+        if dist.all_agree(self.error is None):
+            return
+        errors = dist.all_gather_object(self.error)
+        failed = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
+        raise CheckpointError(f"{what} failed on {failed}")
+
+
+def _free_space_note(path: str) -> str:
+    """torch.save's zip writer reports a full disk as "unexpected pos A vs B", without the
+    errno: say how much room the filesystem has left."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        stats = os.statvfs(folder or ".")
+    except OSError:
+        return ""
+    return f" ({stats.f_bavail * stats.f_frsize} bytes free on its filesystem)"
+
+
+@contextlib.contextmanager
+def _guarded_engine(engine, errors: _WriteErrors) -> Iterator[None]:
+    """Routes DeepSpeed's file writes of a save through `errors`: its checkpoint engine's
+    save (every state file) and the copy of its recovery scripts (rank 0's zero_to_fp32.py),
+    the only writes of save_checkpoint(save_latest=False) between its collectives."""
+    writer = engine.checkpoint_engine
+    save, copy_scripts = writer.save, engine._copy_recovery_script
+    writer.save = lambda state_dict, path: errors.run(path, save, state_dict, path)
+    engine._copy_recovery_script = lambda path: errors.run(path, copy_scripts, path)
+    try:
+        yield
+    finally:
+        del writer.save, engine._copy_recovery_script  # the classes' methods again
+
+
+def _fsync_tree(root: str) -> None:
+    """Flushes every file and folder under `root` (and `root`) to stable storage."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    """A rename or a new entry is durable only once its folder is flushed."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(engine, step: int, cfg: TrainConfig, trainer_state: dict[str, Any], model_config, tokenizer,
          rank_state: Optional[dict[str, Any]] = None,
          write_model: Optional[Callable[[str], None]] = None) -> str:
@@ -198,31 +303,64 @@ def save(engine, step: int, cfg: TrainConfig, trainer_state: dict[str, Any], mod
 
     The model and optimizer go through engine.save_checkpoint, or through `write_model`
     (called with the folder on every rank) for engines without a DeepSpeed optimizer.
+    Everything is written to `checkpoint-N.tmp`, flushed to disk (files and folders), and
+    only then renamed; older checkpoints are pruned after the rename is flushed too. A write
+    that fails on any rank raises CheckpointError on every rank, leaving the partial folder
+    as `.tmp` and the previous checkpoint as the newest complete one.
     """
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = f"{final}.tmp"
+    tag = f"global_step{step}"
+    what = f"saving {final}"
+    errors = _WriteErrors()
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
     dist.barrier()
+    # The folders first, so that DeepSpeed's own makedirs (which raises) finds them.
+    errors.run(tmp, os.makedirs, os.path.join(tmp, tag), exist_ok=True)
+    errors.agree(what)
     if write_model is not None:
-        os.makedirs(tmp, exist_ok=True)
-        write_model(tmp)
+        errors.run(tmp, write_model, tmp)
     else:
-        engine.save_checkpoint(tmp, tag=f"global_step{step}")
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{dist.rank()}.pth"))
+        with _guarded_engine(engine, errors):
+            # `latest` is ours to write: DeepSpeed writes it with a bare open() that would raise.
+            engine.save_checkpoint(tmp, tag=tag, save_latest=False)
+        if dist.is_main():
+            errors.run(os.path.join(tmp, "latest"), _write_text, os.path.join(tmp, "latest"), tag)
+    rng_file = os.path.join(tmp, f"rng_state_{dist.rank()}.pth")
+    errors.run(rng_file, torch.save, _rng_state(), rng_file)
     if rank_state is not None:
-        torch.save(rank_state, _rank_state_file(tmp, dist.rank()))
+        errors.run(_rank_state_file(tmp, dist.rank()), torch.save, rank_state, _rank_state_file(tmp, dist.rank()))
     if dist.is_main():
-        model_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
-    dist.barrier()
+        errors.run(tmp, model_config.save_pretrained, tmp)
+        errors.run(tmp, tokenizer.save_pretrained, tmp)
+        errors.run(os.path.join(tmp, TRAINER_STATE), _write_json, os.path.join(tmp, TRAINER_STATE), trainer_state)
+    errors.agree(what)
+    # Every file of every rank is written. Dirty pages live in the page cache of the node that
+    # wrote them, so one process per node flushes the whole tree (on a shared filesystem each
+    # node's flush covers what its ranks wrote).
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        errors.run(tmp, _fsync_tree, tmp)
+    errors.agree(what)
     if dist.is_main():
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _prune(cfg.output_dir, cfg.save_total_limit)
+        errors.run(final, _publish, tmp, final)
+    errors.agree(what)
+    if dist.is_main():
+        _prune(cfg.output_dir, cfg.save_total_limit)  # only now is the new checkpoint durable
     dist.barrier()
     return final
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Renames the flushed `tmp` to `final` and flushes the rename."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(final) or ".")
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
 
 
 def _prune(output_dir: str, limit: Optional[int]) -> None:
@@ -276,7 +414,7 @@ def restore_rng(path: str) -> None:
     """This rank's RNG states, when the checkpoint has a file for this rank."""
     rng_file = os.path.join(path, f"rng_state_{dist.rank()}.pth")
     if os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=True))
 
 
 def save_full_weights(module: torch.nn.Module, directory: str) -> None:

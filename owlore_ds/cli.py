@@ -8,7 +8,7 @@ import sys
 import warnings
 from typing import Callable
 
-from owlore_ds.errors import UserInputError
+from owlore_ds.errors import RunFailure, UserInputError
 
 
 def setup_logging() -> None:
@@ -34,3 +34,7 @@ def run_main(main: Callable[[], None]) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except RunFailure as exc:
+        # Every rank prints: the ranks agreed on the failure, and rank 0's stream may be lost.
+        print(f"error: rank {os.environ.get('RANK', '0')}: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -209,6 +209,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (small objects only: it pickles them)."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_agree(ok: bool) -> bool:
     """True when every rank passes True; lets ranks fail together instead of hanging."""
     return all_reduce([0.0 if ok else 1.0], op="max")[0] == 0.0

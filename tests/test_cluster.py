@@ -3,6 +3,8 @@ agreement and preemption, all with real processes."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -132,3 +134,75 @@ def test_a_dead_or_hung_rank_ends_the_others_within_ddp_timeout(tmp_path, tiny_l
     if fault == signal.SIGSTOP:  # nothing but the timeout can end a wait for a live, silent peer
         assert elapsed > timeout_s - 5, elapsed
         assert "timed out" in stderr.lower(), stderr[-3000:]
+
+
+def _folder_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_a_save_that_fills_the_disk_fails_on_every_rank_and_resume_equals_straight(tmp_path, tiny_llama, task_data):
+    """The output folder is a small tmpfs: checkpoint-2 fits, checkpoint-4 fills it. Both
+    ranks exit non-zero within 60 s naming the file; checkpoint-4 stays `.tmp`; resumed
+    elsewhere from checkpoint-2, the run equals a straight one."""
+    args = dict(deepspeed=ZERO2, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=6,
+                save_steps=2, resume_from_checkpoint="auto")
+    straight = tmp_path / "straight"
+    run_training(common_args(tiny_llama, task_data, straight, **args), nproc=2)
+    checkpoint_bytes = _folder_bytes(straight / "checkpoint-2")
+    import torch
+
+    for rank in range(2):  # our own files hold plain tensors: no pickle needed to read them
+        state = torch.load(straight / "checkpoint-2" / f"rng_state_{rank}.pth", weights_only=True)
+        assert isinstance(state["numpy"]["keys"], torch.Tensor) and state["numpy"]["keys"].numel() == 624
+    mount = tmp_path / "small"
+    mount.mkdir()
+    size_kb = int(checkpoint_bytes * 1.5) // 1024  # room for one checkpoint and the logs, not two
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount)], check=True)
+    port = free_port()
+    try:
+        out = mount / "out"
+        tasks = start_slurm_tasks(common_args(tiny_llama, task_data, out, cache_dir=tmp_path / "cache", **args), 2,
+                                  port, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for_steps(out, 3, tasks)
+            start = time.time()
+            stderrs = [task.communicate(timeout=120)[1] for task in tasks]
+            elapsed = time.time() - start
+        finally:
+            for task in tasks:
+                task.kill()
+                task.wait()
+        assert [task.returncode for task in tasks] == [1, 1], stderrs
+        assert elapsed < 60, elapsed
+        for rank, stderr in enumerate(stderrs):
+            errors = re.findall(r"error: rank (\d): (.*)", stderr)  # one line, after tqdm's bar on rank 0
+            assert len(errors) == 1 and errors[0][0] == str(rank), stderr[-3000:]
+            # Each failing rank's file, and a reason that says the disk is full.
+            assert re.search(rf"on rank \d: {out}/checkpoint-4\.tmp/\S+: .* \(\d+ bytes free on its filesystem\)",
+                             errors[0][1]), errors[0][1]
+        assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+        assert not (out / "checkpoint-4").exists() and (out / "checkpoint-4.tmp").is_dir()
+        resumed = tmp_path / "resumed"
+        shutil.copytree(out, resumed)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+        remove_shm_buffers(port)
+    result = run_training(common_args(tiny_llama, task_data, resumed, **args), nproc=2)
+    assert "resumed from" in result.stdout + result.stderr and "at step 2" in result.stdout + result.stderr
+    assert not (resumed / "checkpoint-4.tmp").exists()  # the stale partial save is gone
+    assert [m["loss"] for m in read_metrics(resumed)] == [m["loss"] for m in read_metrics(straight)]
+    assert_same_weights(final_weights(straight), final_weights(resumed), atol=0)
+
+
+def test_only_stale_checkpoint_tmp_folders_are_removed(tmp_path):
+    from owlore_ds.checkpoint import remove_stale_tmp
+
+    for name in ("checkpoint-3.tmp", "checkpoint-12.tmp", "checkpoint-3", "checkpoint-x.tmp", "checkpoint-3.tmpx",
+                 "final.tmp", "mycheckpoint-3.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_text("x")
+    (tmp_path / "checkpoint-5.tmp").write_text("a file, not a save's folder")
+    removed = remove_stale_tmp(str(tmp_path))
+    assert sorted(removed) == sorted(str(tmp_path / n) for n in ("checkpoint-3.tmp", "checkpoint-12.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-3", "checkpoint-3.tmpx", "checkpoint-5.tmp", "checkpoint-x.tmp", "final.tmp", "mycheckpoint-3.tmp"]
