@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from owlore_ds import checkpoint, distributed as dist, ds_config, metrics
+from owlore_ds import checkpoint, distributed as dist, ds_config, metrics, preemption
 from owlore_ds.config import TrainConfig
 from owlore_ds.data import GlobalBatches, TokenizedData, load_training_data
 from owlore_ds.layer_sampling import ActiveLayers, outlier_ratios
@@ -228,6 +228,7 @@ class Trainer:
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main(), desc="train",
                         dynamic_ncols=True)
         last_saved = self.step if self.resume_path else None
+        watch = preemption.PreemptionWatch()
         while self.step < self.total_steps:
             record = self.train_step()
             if not torch.isfinite(torch.tensor(record["loss"])):
@@ -241,6 +242,11 @@ class Trainer:
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self.save()
                 last_saved = self.step
+            if watch.requested():  # SIGTERM/SIGUSR1 on any rank: save this step and exit (every rank)
+                if last_saved != self.step:
+                    self.save()
+                watch.stop(self.step)
+        watch.close()
         progress.close()
         if log_file:
             log_file.close()

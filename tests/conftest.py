@@ -38,12 +38,17 @@ def base_env(port: Optional[int] = None) -> dict[str, str]:
     return env
 
 
-def launch_command(launcher: str, nproc: int, port: int, args: list[str], script: str = TRAIN) -> list[str]:
+def launch_command(launcher: str, nproc: int, port: int, args: list[str], script: str = TRAIN,
+                   nodes: Optional[tuple[int, int]] = None) -> list[str]:
+    """The command line of `launcher`; `nodes` = (node count, this node's rank) makes a torchrun
+    command one "node" of a multi-node job on this machine (static rendezvous at 127.0.0.1)."""
     python = sys.executable
     if launcher == "python":
         return [python, script, *args]
     if launcher == "torchrun":
-        return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port), script, *args]
+        multi_node = ["--nnodes", str(nodes[0]), "--node_rank", str(nodes[1]), "--master_addr", "127.0.0.1"] if nodes else []
+        return [str(VENV_BIN / "torchrun"), *multi_node, "--nproc_per_node", str(nproc), "--master_port", str(port),
+                script, *args]
     if launcher == "deepspeed":
         return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), script, *args]
     if launcher == "mpirun":
@@ -80,20 +85,26 @@ def start_slurm_tasks(args: list[str], ntasks: int, port: int, nodelist: str = "
     return tasks
 
 
-def _kill_processes_writing(output_dir: Path) -> None:
-    """SIGKILLs the launcher and every rank of the run writing `output_dir`. torchrun starts
-    each rank in a session of its own, so killing the launcher's process group is not enough."""
+def processes_writing(output_dir: Path) -> list[int]:
+    """The processes (launcher and ranks) whose command line names `output_dir`."""
     marker = f"\0{output_dir}\0".encode()
-    victims = []
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as fh:
                 if marker in b"\0" + fh.read():
-                    victims.append(int(entry))
+                    found.append(int(entry))
         except OSError:
             continue
+    return [pid for pid in found if _alive(pid)]
+
+
+def _kill_processes_writing(output_dir: Path) -> None:
+    """SIGKILLs the launcher and every rank of the run writing `output_dir`. torchrun starts
+    each rank in a session of its own, so killing the launcher's process group is not enough."""
+    victims = processes_writing(output_dir)
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)

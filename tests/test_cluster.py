@@ -3,16 +3,18 @@ agreement and preemption, all with real processes."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import (ROOT, assert_same_weights, base_env, common_args, final_weights, run_training,
-                      start_slurm_tasks)
+from conftest import (ROOT, assert_same_weights, base_env, common_args, final_weights, launch_command,
+                      processes_writing, run_training, start_slurm_tasks)
 from owlore_ds.distributed import expand_nodelist, free_port, map_launcher_env, remove_shm_buffers
 from owlore_ds.errors import UserInputError
 from owlore_ds.metrics import read_metrics
@@ -206,3 +208,133 @@ def test_only_stale_checkpoint_tmp_folders_are_removed(tmp_path):
     assert sorted(removed) == sorted(str(tmp_path / n) for n in ("checkpoint-3.tmp", "checkpoint-12.tmp"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint-3", "checkpoint-3.tmpx", "checkpoint-5.tmp", "checkpoint-x.tmp", "final.tmp", "mycheckpoint-3.tmp"]
+
+
+def test_sigusr1_on_one_rank_stops_every_rank_after_a_checkpoint(tmp_path, tiny_llama, task_data):
+    """SLURM signals every task, but at different moments; here only rank 1 gets SIGUSR1. Both
+    ranks finish the same step, write its checkpoint and exit with the preemption status."""
+    from owlore_ds.preemption import PREEMPTED_EXIT
+
+    out, port = tmp_path / "out", free_port()
+    args = common_args(tiny_llama, task_data, out, deepspeed=ZERO2, per_device_train_batch_size=1, max_steps=100000,
+                       save_steps=0)
+    tasks = start_slurm_tasks(args, 2, port, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_steps(out, 3, tasks)
+        tasks[1].send_signal(signal.SIGUSR1)
+        stderrs = [task.communicate(timeout=120)[1] for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+            task.wait()
+        remove_shm_buffers(port)
+    assert [task.returncode for task in tasks] == [PREEMPTED_EXIT] * 2, stderrs
+    last_step = read_metrics(out)[-1]["step"]
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{last_step}"]
+    assert not (out / "final").exists()
+    assert "preempted (SIGUSR1)" in stderrs[1] and "preempted (another rank's signal)" in stderrs[0]
+
+
+def test_sigterm_to_torchrun_saves_the_current_step_and_resume_equals_straight(tmp_path, tiny_llama, task_data):
+    from owlore_ds.preemption import PREEMPTED_EXIT
+
+    args = dict(deepspeed=ZERO2, per_device_train_batch_size=2, max_steps=40, save_steps=0,
+                resume_from_checkpoint="auto", learning_rate=1e-3)
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    run_training(common_args(tiny_llama, task_data, straight, **args), nproc=2)
+    port, log = free_port(), tmp_path / "launcher.log"
+    with open(log, "w") as log_file:
+        launcher = subprocess.Popen(
+            launch_command("torchrun", 2, port, common_args(tiny_llama, task_data, preempted, **args)),
+            env=base_env(port), cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_steps(preempted, 5, [launcher])
+        os.killpg(launcher.pid, signal.SIGTERM)  # what a scheduler does to the job's launcher
+        launcher.wait(timeout=60)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        remove_shm_buffers(port)
+    output = log.read_text()
+    assert launcher.returncode != 0
+    deadline = time.time() + 10
+    while processes_writing(preempted):
+        assert time.time() < deadline, "a rank outlived its launcher"
+        time.sleep(0.1)
+    last_step = read_metrics(preempted)[-1]["step"]
+    assert 5 <= last_step < 40
+    assert [p.name for p in preempted.glob("checkpoint-*")] == [f"checkpoint-{last_step}"]
+    assert output.count(f"exiting with status {PREEMPTED_EXIT}") == 2, output[-3000:]  # rank 0 and rank 1
+    result = run_training(common_args(tiny_llama, task_data, preempted, **args), nproc=2)
+    assert f"at step {last_step}" in result.stdout + result.stderr
+    assert [m["loss"] for m in read_metrics(preempted)] == [m["loss"] for m in read_metrics(straight)]
+    assert_same_weights(final_weights(straight), final_weights(preempted), atol=0)
+
+
+def test_convert_overwrite_replaces_only_an_earlier_export(tmp_path, tiny_llama, task_data):
+    out = tmp_path / "out"
+    run_training(common_args(tiny_llama, task_data, out, per_device_train_batch_size=2, max_steps=1))
+
+    def convert(destination, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), str(out / "checkpoint-1"),
+                               str(destination), *flags], env=base_env(), cwd=ROOT, capture_output=True, text=True)
+
+    user = tmp_path / "user"
+    (user / "notes").mkdir(parents=True)
+    (user / "thesis.txt").write_text("months of work")
+    looks_like_export = tmp_path / "mixed"  # config and weights, but also a folder of the user's
+    shutil.copytree(out / "final", looks_like_export)
+    (looks_like_export / "evals").mkdir()
+    before = {d: sorted(p.relative_to(d) for p in d.rglob("*")) for d in (user, looks_like_export)}
+    for destination in (user, looks_like_export):
+        for flags in (["--overwrite"], []):
+            result = convert(destination, *flags)
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert result.stderr.count("\n") == 1 and str(destination) in result.stderr, result.stderr
+        assert sorted(p.relative_to(destination) for p in destination.rglob("*")) == before[destination]
+    assert (user / "thesis.txt").read_text() == "months of work"
+
+    earlier = tmp_path / "earlier"
+    shutil.copytree(out / "final", earlier)
+    (earlier / "owlore_ds_source.json").unlink()
+    (earlier / "stale-extra.safetensors").write_bytes(b"")
+    result = convert(earlier, "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (earlier / "owlore_ds_source.json").is_file() and not (earlier / "stale-extra.safetensors").exists()
+    assert not list(tmp_path.glob(".earlier.export-*"))  # the temporary folder was renamed into place
+    from safetensors.torch import load_file
+
+    assert_same_weights(final_weights(out), load_file(str(earlier / "model.safetensors")), atol=0)
+
+
+@pytest.mark.parametrize("method", ["full", "owlore"])
+def test_two_torchrun_nodes_equal_one_node(tmp_path, make_tiny_model, task_data, method):
+    """Two "nodes" of one rank each (two torchrun launchers, static rendezvous on 127.0.0.1;
+    on node 1 RANK is 1 and LOCAL_RANK 0) train exactly as one node of two ranks."""
+    model = make_tiny_model("llama", num_layers=4)
+    extra = dict(deepspeed=ZERO2, max_steps=4, per_device_train_batch_size=2)
+    if method == "owlore":
+        extra.update(method="owlore", lisa_activated_layers=2, lisa_interval_steps=2, owl_nsamples=4,
+                     galore_rank=8, galore_update_proj_gap=3, galore_scale=0.5)
+    one_node, two_nodes = tmp_path / "one_node", tmp_path / "two_nodes"
+    run_training(common_args(model, task_data, one_node, **extra), nproc=2)
+    port = free_port()
+    # Each node has a cache folder of its own: node-local work (tokenizing) must follow LOCAL_RANK.
+    launchers = [subprocess.Popen(
+        launch_command("torchrun", 1, port, common_args(model, task_data, two_nodes, **{**extra, "cache_dir": tmp_path / f"cache{node}"}),
+                       nodes=(2, node)),
+        env=base_env(port), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    try:
+        outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+            launcher.wait()
+        remove_shm_buffers(port)
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    import json
+
+    assert json.loads((two_nodes / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 2
+    assert all(list((tmp_path / f"cache{node}" / "tokenized").glob("*.pt")) for node in (0, 1))
+    assert [m["loss"] for m in read_metrics(two_nodes)] == [m["loss"] for m in read_metrics(one_node)]
+    assert_same_weights(final_weights(one_node), final_weights(two_nodes), atol=0)
