@@ -338,3 +338,13 @@ def test_two_torchrun_nodes_equal_one_node(tmp_path, make_tiny_model, task_data,
     assert all(list((tmp_path / f"cache{node}" / "tokenized").glob("*.pt")) for node in (0, 1))
     assert [m["loss"] for m in read_metrics(two_nodes)] == [m["loss"] for m in read_metrics(one_node)]
     assert_same_weights(final_weights(one_node), final_weights(two_nodes), atol=0)
+
+
+def test_ddp_timeout_flag():
+    from owlore_ds.config import parse_args
+
+    base = ["--dataset_path", "d.json", "--output_dir", "out"]
+    assert parse_args(base).ddp_timeout == 1800  # Hugging Face's default
+    assert parse_args(base + ["--ddp_timeout", "60"]).ddp_timeout == 60
+    with pytest.raises(UserInputError, match="--ddp_timeout must be at least 1"):
+        parse_args(base + ["--ddp_timeout", "0"])
