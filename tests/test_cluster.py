@@ -348,3 +348,30 @@ def test_ddp_timeout_flag():
     assert parse_args(base + ["--ddp_timeout", "60"]).ddp_timeout == 60
     with pytest.raises(UserInputError, match="--ddp_timeout must be at least 1"):
         parse_args(base + ["--ddp_timeout", "0"])
+
+
+def test_checkpoint_is_flushed_before_rename_and_pruning_comes_after(tmp_path, tiny_llama, task_data):
+    """Traces the syscalls of a real run: every file of checkpoint-2 is fsynced under the .tmp
+    name before the rename, the rename is flushed (fsync of OUT), and only then is the older
+    checkpoint-1 deleted (--save_total_limit 1)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("needs strace")
+    out, trace = tmp_path / "out", tmp_path / "trace.txt"
+    args = common_args(tiny_llama, task_data, out, per_device_train_batch_size=2, max_steps=2, save_steps=1,
+                       save_total_limit=1)
+    command = [strace, "-f", "-y", "-qq", "-e", "trace=fsync,rename,renameat,renameat2,unlink,unlinkat,rmdir",
+               "-o", str(trace), *launch_command("python", 1, 0, args)]
+    result = subprocess.run(command, env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = trace.read_text().splitlines()
+    tmp, final = f"{out}/checkpoint-2.tmp", f"{out}/checkpoint-2"
+    renamed = next(i for i, line in enumerate(lines) if "rename" in line and f'"{tmp}"' in line and f'"{final}"' in line)
+    synced = {re.search(r"fsync\(\d+<([^>]*)>", line).group(1) for line in lines[:renamed] if "fsync(" in line}
+    written = [p for p in (out / "checkpoint-2").rglob("*")]
+    assert written and all(str(p).replace(final, tmp, 1) in synced for p in written), \
+        sorted(str(p) for p in written if str(p).replace(final, tmp, 1) not in synced)
+    out_synced = next(i for i, line in enumerate(lines) if i > renamed and re.search(rf"fsync\(\d+<{out}>\)", line))
+    pruned = [i for i, line in enumerate(lines) if re.search(r"(unlink|unlinkat|rmdir)\(.*checkpoint-1[/>\"]", line)]
+    assert pruned and min(pruned) > out_synced
+    assert not (out / "checkpoint-1").exists()
