@@ -39,9 +39,11 @@ def base_env(port: Optional[int] = None) -> dict[str, str]:
 
 
 def launch_command(launcher: str, nproc: int, port: int, args: list[str], script: str = TRAIN,
-                   nodes: Optional[tuple[int, int]] = None) -> list[str]:
+                   nodes: Optional[tuple[int, int]] = None, hostfile: Optional[Path] = None) -> list[str]:
     """The command line of `launcher`; `nodes` = (node count, this node's rank) makes a torchrun
-    command one "node" of a multi-node job on this machine (static rendezvous at 127.0.0.1)."""
+    or deepspeed command one "node" of a multi-node job on this machine, with rank 0's node at
+    127.0.0.1 (torchrun: static rendezvous; deepspeed: `--no_ssh` and `hostfile`, one line
+    per node, `localhost slots=N` and `127.0.0.1 slots=N`, two names of this machine)."""
     python = sys.executable
     if launcher == "python":
         return [python, script, *args]
@@ -50,6 +52,9 @@ def launch_command(launcher: str, nproc: int, port: int, args: list[str], script
         return [str(VENV_BIN / "torchrun"), *multi_node, "--nproc_per_node", str(nproc), "--master_port", str(port),
                 script, *args]
     if launcher == "deepspeed":
+        if nodes:
+            return [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(nodes[1]),
+                    "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args]
         return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), script, *args]
     if launcher == "mpirun":
         return [str(VENV_BIN / "mpirun"), "-np", str(nproc), python, script, *args]

@@ -307,10 +307,10 @@ def test_convert_overwrite_replaces_only_an_earlier_export(tmp_path, tiny_llama,
     assert_same_weights(final_weights(out), load_file(str(earlier / "model.safetensors")), atol=0)
 
 
-@pytest.mark.parametrize("method", ["full", "owlore"])
-def test_two_torchrun_nodes_equal_one_node(tmp_path, make_tiny_model, task_data, method):
-    """Two "nodes" of one rank each (two torchrun launchers, static rendezvous on 127.0.0.1;
-    on node 1 RANK is 1 and LOCAL_RANK 0) train exactly as one node of two ranks."""
+@pytest.mark.parametrize("launcher,method", [("torchrun", "full"), ("torchrun", "owlore"), ("deepspeed", "full")])
+def test_two_nodes_equal_one_node(tmp_path, make_tiny_model, task_data, launcher, method):
+    """Two "nodes" of one rank each (two launchers on this machine, rank 0's at 127.0.0.1; on
+    node 1 RANK is 1 and LOCAL_RANK 0) train exactly as one node of two ranks."""
     model = make_tiny_model("llama", num_layers=4)
     extra = dict(deepspeed=ZERO2, max_steps=4, per_device_train_batch_size=2)
     if method == "owlore":
@@ -318,11 +318,12 @@ def test_two_torchrun_nodes_equal_one_node(tmp_path, make_tiny_model, task_data,
                      galore_rank=8, galore_update_proj_gap=3, galore_scale=0.5)
     one_node, two_nodes = tmp_path / "one_node", tmp_path / "two_nodes"
     run_training(common_args(model, task_data, one_node, **extra), nproc=2)
-    port = free_port()
+    port, hostfile = free_port(), tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     # Each node has a cache folder of its own: node-local work (tokenizing) must follow LOCAL_RANK.
     launchers = [subprocess.Popen(
-        launch_command("torchrun", 1, port, common_args(model, task_data, two_nodes, **{**extra, "cache_dir": tmp_path / f"cache{node}"}),
-                       nodes=(2, node)),
+        launch_command(launcher, 1, port, common_args(model, task_data, two_nodes, **{**extra, "cache_dir": tmp_path / f"cache{node}"}),
+                       nodes=(2, node), hostfile=hostfile),
         env=base_env(port), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
     try:
         outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
