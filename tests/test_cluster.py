@@ -376,3 +376,21 @@ def test_checkpoint_is_flushed_before_rename_and_pruning_comes_after(tmp_path, t
     pruned = [i for i, line in enumerate(lines) if re.search(r"(unlink|unlinkat|rmdir)\(.*checkpoint-1[/>\"]", line)]
     assert pruned and min(pruned) > out_synced
     assert not (out / "checkpoint-1").exists()
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from owlore_ds.checkpoint import _rng_state, _set_rng_state
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    random.gauss(0, 1), np.random.standard_normal()  # leave cached Gaussians in both states
+    torch.save(_rng_state(), tmp_path / "rng.pth")
+    expected = (random.random(), random.gauss(0, 1), np.random.random(3).tolist(), np.random.standard_normal(),
+                torch.rand(3).tolist())
+    _set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
+    assert (random.random(), random.gauss(0, 1), np.random.random(3).tolist(), np.random.standard_normal(),
+            torch.rand(3).tolist()) == expected
