@@ -375,7 +375,10 @@ def universal_tag(path: str, step: int) -> str:
     number of ranks can load it; returns the tag to load."""
     tag = f"global_step{step}_universal"
     target = os.path.join(path, tag)
-    if dist.is_main() and not os.path.isfile(os.path.join(target, "mp_rank_00_model_states.pt")):
+
+    def convert() -> None:
+        if os.path.isfile(os.path.join(target, "mp_rank_00_model_states.pt")):
+            return
         from types import SimpleNamespace
 
         from deepspeed.checkpoint import ds_to_universal
@@ -387,7 +390,9 @@ def universal_tag(path: str, step: int) -> str:
                                strict=True, inject_missing_state=True)
         ds_to_universal.main(args)
         os.replace(tmp, target)
-    dist.barrier()
+
+    # A failed conversion (a full disk) fails every rank at once, not at --ddp_timeout.
+    dist.on_main(convert, f"converting {path} to DeepSpeed's universal format")
     return tag
 
 

@@ -13,11 +13,13 @@ import os
 import re
 import socket
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
-from owlore_ds.errors import UserInputError
+from owlore_ds.errors import RunFailure, UserInputError
+
+T = TypeVar("T")
 
 _MPI_ENV = (
     # (rank, size, local rank, local size) variable names
@@ -216,6 +218,24 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * world_size()
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def on_main(work: Callable[[], T], what: str) -> Optional[T]:
+    """Runs `work` on rank 0 while the others wait; when it fails, every rank fails with its
+    reason (rank 0 re-raises the error itself) instead of the others waiting in a collective."""
+    result, error, reason = None, None, None
+    if is_main():
+        try:
+            result = work()
+        except Exception as exc:
+            error = exc
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    reason = broadcast_object(reason)  # also the others' wait for rank 0
+    if error is not None:
+        raise error
+    if reason is not None:
+        raise RunFailure(f"{what} failed on rank 0: {reason}")
+    return result
 
 
 def all_agree(ok: bool) -> bool:

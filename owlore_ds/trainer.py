@@ -255,12 +255,11 @@ class Trainer:
 
     def export_final(self, final_checkpoint: str) -> Optional[str]:
         destination = os.path.join(self.cfg.output_dir, "final")
-        if dist.is_main():
-            from owlore_ds.export import export_checkpoint
+        from owlore_ds.export import export_checkpoint
 
-            export_checkpoint(final_checkpoint, destination, overwrite=True)
-            log.info("wrote the Hugging Face model to %s", destination)
-        dist.barrier()
+        # Rank 0 exports; a failure there fails every rank at once, not at --ddp_timeout.
+        dist.on_main(lambda: export_checkpoint(final_checkpoint, destination, overwrite=True), f"exporting {destination}")
+        log.info("wrote the Hugging Face model to %s", destination)
         return destination
 
 

@@ -394,3 +394,26 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     _set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
     assert (random.random(), random.gauss(0, 1), np.random.random(3).tolist(), np.random.standard_normal(),
             torch.rand(3).tolist()) == expected
+
+
+def test_a_failed_final_export_fails_every_rank(tmp_path, tiny_llama, task_data):
+    """OUT/final holds a folder of the user's: rank 0's export refuses it (exit 2) and rank 1,
+    waiting for rank 0, fails at once with rank 0's reason; nothing of the user's is deleted."""
+    out, port = tmp_path / "out", free_port()
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "notes.txt").write_text("mine")
+    args = common_args(tiny_llama, task_data, out, per_device_train_batch_size=1, max_steps=2,
+                       resume_from_checkpoint="auto", ddp_timeout=600)
+    tasks = start_slurm_tasks(args, 2, port, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        stderrs = [task.communicate(timeout=300)[1] for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+            task.wait()
+        remove_shm_buffers(port)
+    assert [task.returncode for task in tasks] == [2, 1], stderrs
+    assert re.search(rf"error: {out}/final: --overwrite replaces only an earlier export", stderrs[0]), stderrs[0][-2000:]
+    assert re.search(rf"error: rank 1: exporting {out}/final failed on rank 0: {out}/final: --overwrite replaces",
+                     stderrs[1]), stderrs[1][-2000:]
+    assert (out / "final" / "notes.txt").read_text() == "mine" and (out / "checkpoint-2").is_dir()
