@@ -2,8 +2,9 @@
 state, per-rank RNG states, and the model config and tokenizer (so that
 tools/convert_to_hf.py needs nothing else).
 
-A checkpoint is written under `checkpoint-N.tmp` and renamed when every rank is done,
-so a crash mid-save leaves the previous checkpoint as the newest complete one.
+A checkpoint is written under `checkpoint-N.tmp`, flushed to disk, and renamed when every
+rank is done, so a crash or power loss mid-save leaves the previous checkpoint as the newest
+complete one; a write that fails on any rank fails every rank together (see save()).
 """
 
 from __future__ import annotations
