@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -403,9 +404,26 @@ def needs_universal(state: dict[str, Any], world_size: int) -> bool:
     return state["world_size"] != world_size and state.get("zero_stage", 0) > 0 and not state.get("fused")
 
 
+def check_files_readable(path: str, step: int) -> None:
+    """Every rank checks a share of the checkpoint's torch files for a zip directory (a
+    truncated file has none) and all agree before any rank loads: a corrupt file would
+    otherwise fail only the rank reading it, in the middle of DeepSpeed's collectives."""
+    files = sorted(glob.glob(os.path.join(path, f"global_step{step}", "*.pt")) + glob.glob(os.path.join(path, "*.pt"))
+                   + glob.glob(os.path.join(path, "*.pth")))
+    error = None
+    for file in files[dist.rank()::dist.world_size()]:
+        if not zipfile.is_zipfile(file):  # reads only the end of the file
+            error = f"{os.path.relpath(file, path)} is truncated or not a torch file"
+            break
+    if not dist.all_agree(error is None):
+        found = "; ".join(e for e in dist.all_gather_object(error) if e is not None)
+        raise UserInputError(f"{path}: corrupt checkpoint ({found})")
+
+
 def load(engine, path: str, state: dict[str, Any], world_size: int) -> None:
     """Restores engine, optimizer, scheduler and RNG states from checkpoint `path`."""
     step = int(state["global_step"])
+    check_files_readable(path, step)
     tag = universal_tag(path, step) if needs_universal(state, world_size) else f"global_step{step}"
     try:
         loaded, _ = engine.load_checkpoint(path, tag=tag, load_module_strict=True)

@@ -417,3 +417,25 @@ def test_a_failed_final_export_fails_every_rank(tmp_path, tiny_llama, task_data)
     assert re.search(rf"error: rank 1: exporting {out}/final failed on rank 0: {out}/final: --overwrite replaces",
                      stderrs[1]), stderrs[1][-2000:]
     assert (out / "final" / "notes.txt").read_text() == "mine" and (out / "checkpoint-2").is_dir()
+
+
+def test_a_truncated_file_of_one_rank_fails_every_rank_before_loading(tmp_path, tiny_llama, task_data):
+    out = tmp_path / "out"
+    args = common_args(tiny_llama, task_data, out, deepspeed=ZERO2, per_device_train_batch_size=1, max_steps=2,
+                       save_steps=1)
+    run_training(args, nproc=2)
+    bad = next((out / "checkpoint-1" / "global_step1").glob("*rank_1_*optim_states.pt"))
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    port = free_port()
+    resume = args + ["--resume_from_checkpoint", str(out / "checkpoint-1"), "--max_steps", "3"]
+    tasks = start_slurm_tasks(resume, 2, port, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        stderrs = [task.communicate(timeout=120)[1] for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+            task.wait()
+        remove_shm_buffers(port)
+    assert [task.returncode for task in tasks] == [2, 2], stderrs
+    assert f"error: {out}/checkpoint-1: corrupt checkpoint (global_step1/{bad.name} is truncated" in stderrs[0], \
+        stderrs[0][-2000:]
