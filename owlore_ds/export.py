@@ -77,6 +77,9 @@ def export_checkpoint(checkpoint: str, destination: str, dtype: Optional[str] = 
     parent = os.path.dirname(os.path.abspath(destination))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(destination))}.export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide DEST from the user's group
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(checkpoint, local_files_only=True).save_pretrained(tmp)

@@ -303,6 +303,7 @@ def test_convert_overwrite_replaces_only_an_earlier_export(tmp_path, tiny_llama,
     assert result.returncode == 0, result.stderr[-2000:]
     assert (earlier / "owlore_ds_source.json").is_file() and not (earlier / "stale-extra.safetensors").exists()
     assert not list(tmp_path.glob(".earlier.export-*"))  # the temporary folder was renamed into place
+    assert (earlier.stat().st_mode & 0o777) == (0o777 & ~_umask())  # as any folder the user makes
     from safetensors.torch import load_file
 
     assert_same_weights(final_weights(out), load_file(str(earlier / "model.safetensors")), atol=0)
@@ -440,3 +441,9 @@ def test_a_truncated_file_of_one_rank_fails_every_rank_before_loading(tmp_path, 
     assert [task.returncode for task in tasks] == [2, 2], stderrs
     assert f"error: {out}/checkpoint-1: corrupt checkpoint (global_step1/{bad.name} is truncated" in stderrs[0], \
         stderrs[0][-2000:]
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
