@@ -2,27 +2,31 @@
 state, per-rank RNG states, and the model config and tokenizer (so that
 tools/convert_to_hf.py needs nothing else).
 
-A checkpoint is written under `checkpoint-N.tmp` and renamed when every rank is done,
-so a crash mid-save leaves the previous checkpoint as the newest complete one.
+A checkpoint is written under `checkpoint-N.tmp`, flushed to disk, and renamed when every
+rank is done, so a crash or power loss mid-save leaves the previous checkpoint as the newest
+complete one; a write that fails on any rank fails every rank together (see save()).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import logging
 import math
 import os
 import random
 import re
 import shutil
-from typing import Any, Callable, Optional
+import zipfile
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from owlore_ds import distributed as dist
 from owlore_ds.config import RUN_IDENTITY_FIELDS, TrainConfig
-from owlore_ds.errors import UserInputError
+from owlore_ds.errors import CheckpointError, UserInputError
 
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
@@ -34,6 +38,8 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 STEP_STATE = "step_state.pt"  # scheduler and optimizer scalars of the families that hold their weights
 SHARD_BYTES = 1 << 30
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_RE = re.compile(r"^checkpoint-\d+\.tmp$")
+log = logging.getLogger("owlore_ds")
 
 
 def run_identity(cfg: TrainConfig, global_batch: int) -> dict[str, Any]:
@@ -167,9 +173,21 @@ def prepare_output_dir(cfg: TrainConfig, identity: dict[str, Any], resuming: boo
                 if os.path.exists(os.path.join(out, name)):
                     os.remove(os.path.join(out, name))
         os.makedirs(out, exist_ok=True)
+        remove_stale_tmp(out)
         if not resuming:
             _write_json(os.path.join(out, RUN_CONFIG), {"run_identity": identity, "config": cfg.to_dict()})
     dist.barrier()
+
+
+def remove_stale_tmp(output_dir: str) -> list[str]:
+    """Removes the `checkpoint-N.tmp` folders that saves cut short by a crash left in
+    `output_dir` (that exact pattern only); returns them."""
+    stale = [os.path.join(output_dir, name) for name in os.listdir(output_dir)
+             if _TMP_RE.match(name) and os.path.isdir(os.path.join(output_dir, name))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by an interrupted save", path)
+    return stale
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
@@ -180,17 +198,26 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    """This rank's generator states as plain tensors and numbers, so the file loads with
+    torch.load(weights_only=True) (numpy's state holds an ndarray, which would need pickle)."""
     from deepspeed.accelerator import get_accelerator
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "accelerator": get_accelerator().get_rng_state()}
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     from deepspeed.accelerator import get_accelerator
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     get_accelerator().set_rng_state(state["accelerator"])
 
@@ -211,33 +238,156 @@ def load_rank_states(path: str, state: dict[str, Any]) -> list[Optional[dict[str
         raise UserInputError(f"{path}: corrupt checkpoint ({type(exc).__name__} reading the optimizer state)") from None
 
 
+class WriteErrors:
+    """This rank's first write error of a save, kept instead of raised.
+
+    A rank that raised in the middle of a save would leave the others waiting in the save's
+    next collective (DeepSpeed's own barriers included) until --ddp_timeout. Kept errors let
+    every rank take part in every collective of the save; the ranks then agree on the
+    outcome and all fail together, each naming the file and the reason.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what  # "saving PATH", the start of the error every rank raises
+        self.error: Optional[str] = None
+
+    def run(self, path: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.error is not None:
+            return None  # after a failure on this rank, skip the remaining writes
+        try:
+            return write(*args, **kwargs)
+        except Exception as exc:  # ENOSPC and EIO surface as OSError or torch's RuntimeError
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            self.error = f"{path}: {reason}{_free_space_note(path)}"
+            return None
+
+    def agree(self) -> None:
+        """Raises CheckpointError on every rank when any rank failed (a collective: every rank calls it)."""
+        if dist.all_agree(self.error is None):
+            return
+        errors = dist.all_gather_object(self.error)
+        failed = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
+        raise CheckpointError(f"{self.what} failed on {failed}")
+
+
+def _free_space_note(path: str) -> str:
+    """torch.save's zip writer reports a full disk as "unexpected pos A vs B", without the
+    errno: say how much room the filesystem has left."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        stats = os.statvfs(folder or ".")
+    except OSError:
+        return ""
+    return f" ({stats.f_bavail * stats.f_frsize} bytes free on its filesystem)"
+
+
+@contextlib.contextmanager
+def _guarded_engine(engine, errors: WriteErrors) -> Iterator[None]:
+    """Routes DeepSpeed's file writes of a save through `errors`: its checkpoint engine's
+    save (every state file) and the copy of its recovery scripts (rank 0's zero_to_fp32.py),
+    the only writes of save_checkpoint(save_latest=False) between its collectives."""
+    writer = engine.checkpoint_engine
+    save, copy_scripts = writer.save, engine._copy_recovery_script
+    writer.save = lambda state_dict, path: errors.run(path, save, state_dict, path)
+    engine._copy_recovery_script = lambda path: errors.run(path, copy_scripts, path)
+    try:
+        yield
+    finally:
+        del writer.save, engine._copy_recovery_script  # the classes' methods again
+
+
+def _fsync_tree(root: str) -> None:
+    """Flushes every file and folder under `root` (and `root`) to stable storage."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    """A rename or a new entry is durable only once its folder is flushed."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(step: int, cfg: TrainConfig, trainer_state: dict[str, Any], model_config, tokenizer,
-         write: Callable[[str, int], None]) -> str:
-    """Writes OUT/checkpoint-`step` on all ranks; returns its path. `write(folder, step)` is called
-    on every rank and writes the method's model and optimizer files."""
+         write: Callable[[str, int, WriteErrors], None]) -> str:
+    """Writes OUT/checkpoint-`step` on all ranks; returns its path.
+
+    `write(folder, step, errors)` is called on every rank and writes the method's model and
+    optimizer files, each write through `errors.run`. Everything is written to
+    `checkpoint-N.tmp`, flushed to disk (files and folders), and only then renamed; older
+    checkpoints are pruned after the rename is flushed too. A write that fails on any rank
+    raises CheckpointError on every rank, leaving the partial folder as `.tmp` and the
+    previous checkpoint as the newest complete one.
+    """
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = f"{final}.tmp"
+    errors = WriteErrors(f"saving {final}")
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-        os.makedirs(tmp)
-    dist.barrier()
-    write(tmp, step)
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{dist.rank()}.pth"))
+        errors.run(tmp, os.makedirs, tmp)
+    errors.agree()
+    write(tmp, step, errors)
+    rng_file = os.path.join(tmp, f"rng_state_{dist.rank()}.pth")
+    errors.run(rng_file, torch.save, _rng_state(), rng_file)
     if dist.is_main():
-        model_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
-    dist.barrier()
+        errors.run(tmp, model_config.save_pretrained, tmp)
+        errors.run(tmp, tokenizer.save_pretrained, tmp)
+        errors.run(os.path.join(tmp, TRAINER_STATE), _write_json, os.path.join(tmp, TRAINER_STATE), trainer_state)
+    errors.agree()
+    # Every file of every rank is written. Dirty pages live in the page cache of the node that
+    # wrote them, so one process per node flushes the whole tree (on a shared filesystem each
+    # node's flush covers what its ranks wrote).
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        errors.run(tmp, _fsync_tree, tmp)
+    errors.agree()
     if dist.is_main():
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _prune(cfg.output_dir, cfg.save_total_limit)
+        errors.run(final, _publish, tmp, final)
+    errors.agree()
+    if dist.is_main():
+        _prune(cfg.output_dir, cfg.save_total_limit)  # only now is the new checkpoint durable
     dist.barrier()
     return final
 
 
-def save_rank_state(directory: str, rank_state: dict[str, Any]) -> None:
-    torch.save(rank_state, _rank_state_file(directory, dist.rank()))
+def save_rank_state(directory: str, rank_state: dict[str, Any], errors: WriteErrors) -> None:
+    path = _rank_state_file(directory, dist.rank())
+    errors.run(path, torch.save, rank_state, path)
+
+
+def save_engine(engine, directory: str, step: int, errors: WriteErrors) -> None:
+    """DeepSpeed's engine.save_checkpoint into `directory`, its writes through `errors`."""
+    tag = f"global_step{step}"
+    # The folder first, so that DeepSpeed's own makedirs (which raises) finds it.
+    errors.run(directory, os.makedirs, os.path.join(directory, tag), exist_ok=True)
+    errors.agree()
+    with _guarded_engine(engine, errors):
+        # `latest` is ours to write: DeepSpeed writes it with a bare open() that would raise.
+        engine.save_checkpoint(directory, tag=tag, save_latest=False)
+    if dist.is_main():
+        errors.run(os.path.join(directory, "latest"), _write_text, os.path.join(directory, "latest"), tag)
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Renames the flushed `tmp` to `final` and flushes the rename."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(final) or ".")
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
 
 
 def _prune(output_dir: str, limit: Optional[int]) -> None:
@@ -252,7 +402,10 @@ def universal_tag(path: str, step: int) -> str:
     number of ranks can load it; returns the tag to load."""
     tag = f"global_step{step}_universal"
     target = os.path.join(path, tag)
-    if dist.is_main() and not os.path.isfile(os.path.join(target, "mp_rank_00_model_states.pt")):
+
+    def convert() -> None:
+        if os.path.isfile(os.path.join(target, "mp_rank_00_model_states.pt")):
+            return
         from types import SimpleNamespace
 
         from deepspeed.checkpoint import ds_to_universal
@@ -264,7 +417,9 @@ def universal_tag(path: str, step: int) -> str:
                                strict=True, inject_missing_state=True)
         ds_to_universal.main(args)
         os.replace(tmp, target)
-    dist.barrier()
+
+    # A failed conversion (a full disk) fails every rank at once, not at --ddp_timeout.
+    dist.on_main(convert, f"converting {path} to DeepSpeed's universal format")
     return tag
 
 
@@ -274,9 +429,26 @@ def needs_universal(state: dict[str, Any], world_size: int) -> bool:
     return state["world_size"] != world_size and state.get("zero_stage", 0) > 0 and not holds_weights(state)
 
 
+def check_files_readable(path: str, step: int) -> None:
+    """Every rank checks a share of the checkpoint's torch files for a zip directory (a
+    truncated file has none) and all agree before any rank loads: a corrupt file would
+    otherwise fail only the rank reading it, in the middle of DeepSpeed's collectives."""
+    files = sorted(glob.glob(os.path.join(path, f"global_step{step}", "*.pt")) + glob.glob(os.path.join(path, "*.pt"))
+                   + glob.glob(os.path.join(path, "*.pth")))
+    error = None
+    for file in files[dist.rank()::dist.world_size()]:
+        if not zipfile.is_zipfile(file):  # reads only the end of the file
+            error = f"{os.path.relpath(file, path)} is truncated or not a torch file"
+            break
+    if not dist.all_agree(error is None):
+        found = "; ".join(e for e in dist.all_gather_object(error) if e is not None)
+        raise UserInputError(f"{path}: corrupt checkpoint ({found})")
+
+
 def load(engine, path: str, state: dict[str, Any], world_size: int) -> None:
     """Restores engine, optimizer, scheduler and RNG states from checkpoint `path`."""
     step = int(state["global_step"])
+    check_files_readable(path, step)
     tag = universal_tag(path, step) if needs_universal(state, world_size) else f"global_step{step}"
     try:
         loaded, _ = engine.load_checkpoint(path, tag=tag, load_module_strict=True)
@@ -291,14 +463,16 @@ def restore_rng(path: str) -> None:
     """This rank's RNG states, when the checkpoint has a file for this rank."""
     rng_file = os.path.join(path, f"rng_state_{dist.rank()}.pth")
     if os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=True))
 
 
-def save_full_weights(module: torch.nn.Module, directory: str, shard_bytes: int = SHARD_BYTES) -> None:
+def save_full_weights(module: torch.nn.Module, directory: str, errors: WriteErrors,
+                      shard_bytes: int = SHARD_BYTES) -> None:
     """Every rank writes a share of the whole weights: tensor i goes to rank i % N, into
     safetensors shards of at most `shard_bytes` (one tensor larger than that gets its own);
     rank 0 writes the index. Under ZeRO-3 each tensor is gathered in turn, so no rank holds
-    more than one full tensor beyond its shard buffer, and the writing is spread over ranks."""
+    more than one full tensor beyond its shard buffer, and the writing is spread over ranks.
+    Each write goes through `errors`, so a rank whose disk is full still joins the gathers."""
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
     from safetensors.torch import save_file
 
@@ -311,7 +485,8 @@ def save_full_weights(module: torch.nn.Module, directory: str, shard_bytes: int 
         nonlocal shard, count
         if shard:
             name = f"model-rank{rank:05d}-{count:05d}.safetensors"
-            save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+            path = os.path.join(directory, name)
+            errors.run(path, save_file, shard, path, metadata={"format": "pt"})
             weight_map.update({key: name for key in shard})
             shard, count = {}, count + 1
 
@@ -326,7 +501,8 @@ def save_full_weights(module: torch.nn.Module, directory: str, shard_bytes: int 
     maps = dist.all_gather_object(weight_map)
     if dist.is_main():
         merged = {key: file for part in maps for key, file in part.items()}
-        _write_json(os.path.join(directory, WEIGHTS_INDEX), {"metadata": {}, "weight_map": dict(sorted(merged.items()))})
+        index = os.path.join(directory, WEIGHTS_INDEX)
+        errors.run(index, _write_json, index, {"metadata": {}, "weight_map": dict(sorted(merged.items()))})
 
 
 class WeightReader:

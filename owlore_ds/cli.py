@@ -8,11 +8,13 @@ import sys
 import warnings
 from typing import Callable
 
-from owlore_ds.errors import UserInputError
+from owlore_ds.errors import RunFailure, UserInputError
 
 
 def setup_logging() -> None:
-    main_rank = os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) == "0"
+    # Before the launcher's variables are mapped (owlore_ds.distributed), in the same precedence.
+    rank_keys = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+    main_rank = next((os.environ[k] for k in rank_keys if k in os.environ), "0") == "0"
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
@@ -32,3 +34,7 @@ def run_main(main: Callable[[], None]) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except RunFailure as exc:
+        # Every rank prints: the ranks agreed on the failure, and rank 0's stream may be lost.
+        print(f"error: rank {os.environ.get('RANK', '0')}: {exc}", file=sys.stderr)
+        sys.exit(1)

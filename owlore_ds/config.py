@@ -114,6 +114,10 @@ class TrainConfig:
     galore_svd_signs: str = field(default="canonical", metadata={
         "help": "canonical (reproducible across ranks and hardware) or lapack (galore-torch's arbitrary signs)"})
 
+    # Cluster runtime
+    ddp_timeout: int = field(default=1800, metadata={
+        "help": "seconds any collective may wait for the other ranks before the run fails (a dead or hung rank)"})
+
     # Set by the deepspeed launcher; accepted and ignored (LOCAL_RANK in the environment is used).
     local_rank: int = -1
 
@@ -188,6 +192,8 @@ class TrainConfig:
             raise UserInputError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.save_steps < 0 or self.warmup_steps < 0 or self.logging_steps < 1:
             raise UserInputError("--save_steps and --warmup_steps must be >= 0 and --logging_steps >= 1")
+        if self.ddp_timeout < 1:
+            raise UserInputError(f"--ddp_timeout must be at least 1 second, got {self.ddp_timeout}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise UserInputError(f"--save_total_limit must be at least 1, got {self.save_total_limit}")
         if self.overwrite_output_dir and self.resume_from_checkpoint not in (None, "auto"):

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from typing import Optional
 
 import torch
@@ -65,28 +66,39 @@ def export_checkpoint(checkpoint: str, destination: str, dtype: Optional[str] = 
     dtype = dtype or state.get("precision", "fp32")
     if dtype not in DTYPES:
         raise UserInputError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if os.path.exists(destination) and os.listdir(destination) and not overwrite:
-        raise UserInputError(f"{destination}: exists and is not empty; choose a new folder or pass --overwrite")
+    check_destination(destination, overwrite)
     # Inside a ZeRO-3 training process, from_config would partition the new model
     # across ranks with collectives that only this rank joins.
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
-    tmp = f"{destination.rstrip('/')}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if holds_weights(state) and "lora" not in state:
-        _stream_weights(checkpoint, tmp, dtype, max_shard_bytes)
-        config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
-        config.dtype = DTYPES[dtype]
-        config.save_pretrained(tmp)
-    else:
-        _materialized_model(checkpoint, state, dtype).save_pretrained(tmp, safe_serialization=True,
-                                                                      max_shard_size=max_shard_bytes)
-    AutoTokenizer.from_pretrained(checkpoint, local_files_only=True).save_pretrained(tmp)
-    with open(os.path.join(tmp, "owlore_ds_source.json"), "w") as fh:
-        json.dump({"checkpoint": os.path.abspath(checkpoint), "global_step": state["global_step"], "dtype": dtype}, fh)
-    shutil.rmtree(destination, ignore_errors=True)
-    os.replace(tmp, destination)
+    # A fresh name beside DEST (same filesystem, so the final rename is atomic): no folder
+    # of the user's is ever cleared to make room for the temporary one.
+    parent = os.path.dirname(os.path.abspath(destination))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(destination))}.export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide DEST from the user's group
+    try:
+        if holds_weights(state) and "lora" not in state:
+            _stream_weights(checkpoint, tmp, dtype, max_shard_bytes)
+            config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+            config.dtype = DTYPES[dtype]
+            config.save_pretrained(tmp)
+        else:
+            _materialized_model(checkpoint, state, dtype).save_pretrained(tmp, safe_serialization=True,
+                                                                          max_shard_size=max_shard_bytes)
+        AutoTokenizer.from_pretrained(checkpoint, local_files_only=True).save_pretrained(tmp)
+        with open(os.path.join(tmp, "owlore_ds_source.json"), "w") as fh:
+            json.dump({"checkpoint": os.path.abspath(checkpoint), "global_step": state["global_step"], "dtype": dtype}, fh)
+        check_destination(destination, overwrite)  # again: it may have changed while we wrote
+        if os.path.isdir(destination):
+            shutil.rmtree(destination)
+        os.replace(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return destination
 
 
@@ -113,7 +125,6 @@ def _stream_weights(checkpoint: str, folder: str, dtype: str, max_shard_bytes: i
         odd = sorted(k for k in found if expected.get(k) != found[k])[:3]
         raise UserInputError(f"{checkpoint}: weights do not match the config (missing {missing}, unexpected or "
                              f"misshapen {odd})")
-    os.makedirs(folder)
     shards: list[list[str]] = []
     shard: dict[str, torch.Tensor] = {}
     total = 0
@@ -164,6 +175,29 @@ def _materialized_model(checkpoint: str, state: dict, dtype: str) -> torch.nn.Mo
         model = merged(model)
     model.tie_weights()
     return model.to(DTYPES[dtype])
+
+
+def is_export(path: str) -> bool:
+    """A folder written by an export: a config and safetensors weights, and nothing that is not a file."""
+    names = os.listdir(path)
+    return ("config.json" in names and any(n.endswith(".safetensors") for n in names)
+            and all(os.path.isfile(os.path.join(path, n)) for n in names))
+
+
+def check_destination(destination: str, overwrite: bool) -> None:
+    """Refuses (before anything is written or deleted) a DEST that is not new, empty or,
+    with `overwrite`, an earlier export."""
+    if not os.path.exists(destination):
+        return
+    if not os.path.isdir(destination):
+        raise UserInputError(f"{destination}: exists and is not a folder")
+    if not os.listdir(destination):
+        return
+    if not overwrite:
+        raise UserInputError(f"{destination}: exists and is not empty; choose a new folder or pass --overwrite")
+    if not is_export(destination):
+        raise UserInputError(f"{destination}: --overwrite replaces only an earlier export (config.json and "
+                             "*.safetensors files); this folder holds something else, nothing was deleted")
 
 
 def is_checkpoint(path: str) -> bool:

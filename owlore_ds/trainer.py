@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from owlore_ds import checkpoint, distributed as dist, ds_config, methods, metrics
+from owlore_ds import checkpoint, distributed as dist, ds_config, methods, metrics, preemption
 from owlore_ds.config import TrainConfig
 from owlore_ds.data import GlobalBatches, TrainingData, load_training_data
 from owlore_ds.layer_sampling import outlier_ratios
@@ -136,6 +136,7 @@ class Trainer:
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main(), desc="train",
                         dynamic_ncols=True)
         last_saved = self.step if self.resume_path else None
+        watch = preemption.PreemptionWatch()
         while self.step < self.total_steps:
             record = self.train_step()
             if not torch.isfinite(torch.tensor(record["loss"])):
@@ -149,6 +150,11 @@ class Trainer:
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self.save()
                 last_saved = self.step
+            if watch.requested():  # SIGTERM/SIGUSR1 on any rank: save this step and exit (every rank)
+                if last_saved != self.step:
+                    self.save()
+                watch.stop(self.step)
+        watch.close()
         progress.close()
         if log_file:
             log_file.close()
@@ -157,17 +163,16 @@ class Trainer:
 
     def export_final(self, final_checkpoint: str) -> Optional[str]:
         destination = os.path.join(self.cfg.output_dir, "final")
-        if dist.is_main():
-            from owlore_ds.export import export_checkpoint
+        from owlore_ds.export import export_checkpoint
 
-            export_checkpoint(final_checkpoint, destination, overwrite=True)
-            log.info("wrote the Hugging Face model to %s", destination)
-        dist.barrier()
+        # Rank 0 exports; a failure there fails every rank at once, not at --ddp_timeout.
+        dist.on_main(lambda: export_checkpoint(final_checkpoint, destination, overwrite=True), f"exporting {destination}")
+        log.info("wrote the Hugging Face model to %s", destination)
         return destination
 
 
 def run(cfg: TrainConfig) -> None:
-    dist.init()
+    dist.init(cfg.ddp_timeout)
     try:
         Trainer(cfg).train()
     finally:

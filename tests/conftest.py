@@ -38,13 +38,23 @@ def base_env(port: Optional[int] = None) -> dict[str, str]:
     return env
 
 
-def launch_command(launcher: str, nproc: int, port: int, args: list[str], script: str = TRAIN) -> list[str]:
+def launch_command(launcher: str, nproc: int, port: int, args: list[str], script: str = TRAIN,
+                   nodes: Optional[tuple[int, int]] = None, hostfile: Optional[Path] = None) -> list[str]:
+    """The command line of `launcher`; `nodes` = (node count, this node's rank) makes a torchrun
+    or deepspeed command one "node" of a multi-node job on this machine, with rank 0's node at
+    127.0.0.1 (torchrun: static rendezvous; deepspeed: `--no_ssh` and `hostfile`, one line
+    per node, `localhost slots=N` and `127.0.0.1 slots=N`, two names of this machine)."""
     python = sys.executable
     if launcher == "python":
         return [python, script, *args]
     if launcher == "torchrun":
-        return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port), script, *args]
+        multi_node = ["--nnodes", str(nodes[0]), "--node_rank", str(nodes[1]), "--master_addr", "127.0.0.1"] if nodes else []
+        return [str(VENV_BIN / "torchrun"), *multi_node, "--nproc_per_node", str(nproc), "--master_port", str(port),
+                script, *args]
     if launcher == "deepspeed":
+        if nodes:
+            return [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(nodes[1]),
+                    "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args]
         return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), script, *args]
     if launcher == "mpirun":
         return [str(VENV_BIN / "mpirun"), "-np", str(nproc), python, script, *args]
@@ -68,20 +78,38 @@ def run_training(args: list[str], nproc: int = 1, launcher: Optional[str] = None
     return result
 
 
-def _kill_processes_writing(output_dir: Path) -> None:
-    """SIGKILLs the launcher and every rank of the run writing `output_dir`. torchrun starts
-    each rank in a session of its own, so killing the launcher's process group is not enough."""
+def start_slurm_tasks(args: list[str], ntasks: int, port: int, nodelist: str = "localhost",
+                      extra_env: Optional[dict[str, str]] = None, **popen) -> list[subprocess.Popen]:
+    """Starts `ntasks` plain `python launch/train.py` processes with the variables `srun` sets for
+    the tasks of one node (and no RANK/MASTER_ADDR): what an sbatch job step looks like to us."""
+    tasks = []
+    for task in range(ntasks):
+        env = {**base_env(port), "SLURM_PROCID": str(task), "SLURM_NTASKS": str(ntasks), "SLURM_LOCALID": str(task),
+               "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": nodelist, **(extra_env or {})}
+        tasks.append(subprocess.Popen(launch_command("python", 1, port, args), env=env, cwd=ROOT, **popen))
+    return tasks
+
+
+def processes_writing(output_dir: Path) -> list[int]:
+    """The processes (launcher and ranks) whose command line names `output_dir`."""
     marker = f"\0{output_dir}\0".encode()
-    victims = []
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as fh:
                 if marker in b"\0" + fh.read():
-                    victims.append(int(entry))
+                    found.append(int(entry))
         except OSError:
             continue
+    return [pid for pid in found if _alive(pid)]
+
+
+def _kill_processes_writing(output_dir: Path) -> None:
+    """SIGKILLs the launcher and every rank of the run writing `output_dir`. torchrun starts
+    each rank in a session of its own, so killing the launcher's process group is not enough."""
+    victims = processes_writing(output_dir)
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -51,8 +51,8 @@ class DeepSpeedAdamW(Method):
     def trainer_state(self) -> dict[str, Any]:
         return {"lora": lora_settings(self.cfg)} if self.cfg.method == "lora" else {}
 
-    def save(self, directory: str, step: int) -> None:
-        self.engine.save_checkpoint(directory, tag=f"global_step{step}")
+    def save(self, directory: str, step: int, errors: checkpoint.WriteErrors) -> None:
+        checkpoint.save_engine(self.engine, directory, step, errors)
 
     def load(self, path: str, state: dict[str, Any]) -> None:
         checkpoint.load(self.engine, path, state, self.world)

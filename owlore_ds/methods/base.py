@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from owlore_ds import checkpoint
 from owlore_ds.config import TrainConfig
 from owlore_ds.modeling import causal_lm_loss_sum
 
@@ -67,8 +68,9 @@ class Method:
         """What the checkpoint's trainer_state.json records about this family."""
         return {}
 
-    def save(self, directory: str, step: int) -> None:
-        """Writes this rank's model and optimizer files of step `step` into `directory` (on every rank)."""
+    def save(self, directory: str, step: int, errors: "checkpoint.WriteErrors") -> None:
+        """Writes this rank's model and optimizer files of step `step` into `directory` (on every
+        rank), each write through `errors.run`, so that a failed write fails every rank together."""
         raise NotImplementedError
 
     def load(self, path: str, state: dict[str, Any]) -> None:

@@ -69,9 +69,9 @@ class LayerwiseMethod(OwnWeightsMethod):
     def trainer_state(self) -> dict[str, Any]:
         return {"layerwise": self.active_layers.state(), **super().trainer_state()}
 
-    def save(self, directory: str, step: int) -> None:
-        super().save(directory, step)
-        checkpoint.save_rank_state(directory, self.optimizer.rank_state())
+    def save(self, directory: str, step: int, errors: checkpoint.WriteErrors) -> None:
+        super().save(directory, step, errors)
+        checkpoint.save_rank_state(directory, self.optimizer.rank_state(), errors)
 
     def load(self, path: str, state: dict[str, Any]) -> None:
         super().load(path, state)

@@ -32,13 +32,15 @@ class OwnWeightsMethod(Method):
     def trainer_state(self) -> dict[str, Any]:
         return {"weights": "safetensors"}
 
-    def save(self, directory: str, step: int) -> None:
-        checkpoint.save_full_weights(self.engine.module, directory)
+    def save(self, directory: str, step: int, errors: checkpoint.WriteErrors) -> None:
+        checkpoint.save_full_weights(self.engine.module, directory, errors)
         if dist.is_main():
-            torch.save({"optimizer": self.optimizer_scalars(), "scheduler": self.scheduler.state_dict()},
-                       os.path.join(directory, checkpoint.STEP_STATE))
+            path = os.path.join(directory, checkpoint.STEP_STATE)
+            errors.run(path, torch.save, {"optimizer": self.optimizer_scalars(), "scheduler": self.scheduler.state_dict()},
+                       path)
 
     def load(self, path: str, state: dict[str, Any]) -> None:
+        checkpoint.check_files_readable(path, int(state["global_step"]))
         checkpoint.load_full_weights(self.engine.module, path)
         saved = torch.load(os.path.join(path, checkpoint.STEP_STATE), map_location="cpu", weights_only=True)
         self.load_optimizer_scalars(saved["optimizer"])
