@@ -1,8 +1,11 @@
 """Shared fixtures: tiny real models with a real SentencePiece tokenizer, and real launches.
 
 Models are random-initialized from small configs (no hub); the tokenizer is trained on
-the shipped Shakespeare text in a second. Training runs go through the real launchers
-as separate processes, on CPU with gloo.
+the shipped Shakespeare text in a second. Training runs are separate processes on CPU with
+gloo: the ranks of a run are forked from a warm fork server (tests/forkserver.py: the same
+ranks and process group, without ~10 s of imports per launch), or started by a real
+launcher when the test names one or passes environment that only a fresh process reads.
+OWLORE_TEST_FORKSERVER=0 runs everything under real launchers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from owlore_ds.distributed import free_port, remove_shm_buffers  # noqa: E402
+from forkserver import ForkServer  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 TRAIN = str(ROOT / "launch" / "train.py")
 CORPUS = ROOT / "data" / "pretrain" / "train.txt"
@@ -51,16 +55,38 @@ def launch_command(launcher: str, nproc: int, port: int, args: list[str], script
     raise ValueError(launcher)
 
 
+_fork_server: Optional[ForkServer] = None
+
+
+def fork_server() -> ForkServer:
+    """The session's fork server, started on first use (pytest_sessionfinish closes it)."""
+    global _fork_server
+    if _fork_server is None:
+        _fork_server = ForkServer(base_env(), ROOT)
+    return _fork_server
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _fork_server is not None:
+        _fork_server.close()
+
+
 def run_training(args: list[str], nproc: int = 1, launcher: Optional[str] = None, check: bool = True,
                  timeout: int = 300, script: str | Path = TRAIN,
                  extra_env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """Runs launch/train.py (or another entry script) under a launcher and returns the finished process."""
-    launcher = launcher or ("python" if nproc == 1 else "torchrun")
+    """Runs launch/train.py (or another entry script) and returns the finished process (or what reads
+    like one). A test that names a launcher gets it; so does one with extra_env, which may hold
+    variables read only at process start (MALLOC_*). Otherwise the ranks come from the fork server."""
     port = free_port()
     env = {**base_env(port), **(extra_env or {})}
+    forked = launcher is None and extra_env is None and os.environ.get("OWLORE_TEST_FORKSERVER", "1") != "0"
+    launcher = launcher or ("python" if nproc == 1 else "torchrun")
     try:
-        result = subprocess.run(launch_command(launcher, nproc, port, args, str(script)), env=env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=timeout)
+        if forked:
+            result = fork_server().run(str(script), [str(a) for a in args], nproc, env, timeout)
+        else:
+            result = subprocess.run(launch_command(launcher, nproc, port, args, str(script)), env=env, cwd=ROOT,
+                                    capture_output=True, text=True, timeout=timeout)
     finally:
         remove_shm_buffers(port)  # left behind by ranks that were killed
     if check and result.returncode != 0:
