@@ -48,6 +48,10 @@ TERM_GRACE = 30.0  # seconds between SIGTERM and SIGKILL for the peers of a fail
 
 def _preload() -> None:
     """Imports what every training run imports; lazily loaded transformers modules included."""
+    # owlore_ds.cli.setup_logging sets these before a launched script imports transformers and
+    # huggingface_hub, which read them at import time; the warm imports must see the same.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import deepspeed  # noqa: F401
     import deepspeed.runtime.engine  # noqa: F401
     import deepspeed.runtime.zero.stage3  # noqa: F401
@@ -198,7 +202,11 @@ def serve() -> None:
     requests, answers = os.fdopen(requests_fd, "r"), os.fdopen(answers_fd, "w")
     started = time.monotonic()
     _preload()
-    answers.write(json.dumps({"ready": True, "threads": _threads(), "seconds": time.monotonic() - started}) + "\n")
+    import logging
+    # A launched script configures the root logger itself (cli.setup_logging): nothing here may have.
+    ready = {"threads": _threads(), "root_handlers": len(logging.getLogger().handlers),
+             "seconds": time.monotonic() - started}
+    answers.write(json.dumps(ready) + "\n")
     answers.flush()
     for line in requests:
         try:
@@ -222,9 +230,9 @@ class ForkServer:
             self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=log, env=env, cwd=cwd, text=True, bufsize=1)
         ready = self._answer(start_timeout)
-        if ready.get("threads") != 1:
+        if ready["threads"] != 1 or ready["root_handlers"]:
             self.close()
-            raise RuntimeError(f"fork server started {ready.get('threads')} threads while importing: not fork-safe")
+            raise RuntimeError(f"fork server is not a clean parent after its imports: {ready}")
         self.import_seconds = ready["seconds"]
         self.count = 0
 
