@@ -168,6 +168,47 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||a - start|| over all weights: how far two runs ended apart, measured against
+    how far training moved the weights.
+
+    Why not a max-abs tolerance for Adam-family runs that reduce in another order (1 rank x 4
+    examples against 2 ranks x 2, or 4 ranks whose fp32 sums depend on order): the gradients
+    of the two runs differ by rounding, delta ~ 1e-7..1e-6 of the gradient's scale G. Adam's
+    step lr * m / (sqrt(v) + eps) is nearly sign(g) while its history is short, and its
+    derivative at g ~ 0 is 1/eps (eps = 1e-8): an element whose gradient nearly cancels
+    (|g| < delta) can step differently by up to ~lr in one run than in the other. So the
+    largest element difference is anything up to ~2 lr (6e-2 at lr 3e-2): a max-abs atol
+    measures only whether such an element happened (1.08e-4 against 1e-4 on another machine).
+    In norm it is bounded: a fraction p ~ delta / G of the N elements (1e-7..1e-6) is hit,
+    each by <= ~lr, while every element moves ~lr per step over k steps, so the ratio is about
+    sqrt(p * N) lr / (k sqrt(N) lr) = sqrt(p) / k: ~1e-4 at most for k = 8 (measured: 1.2e-4
+    for full AdamW with 4 ranks, below 1e-5 for lisa/ZeRO-3). A real defect (a micro-batch
+    missing or counted twice, a wrong owner, a stale shard) changes the gradient itself by
+    O(1) relative, and the ratio by 1e-2 and more. ADAM_WEIGHT_TOLERANCE sits between.
+    """
+    assert a.keys() == b.keys()
+    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a) ** 0.5
+    change = sum(float((a[k].double() - start[k].double()).pow(2).sum()) for k in a) ** 0.5
+    assert change > 0
+    return diff / change
+
+
+# See relative_distance: ~sqrt(p) / k <= 1e-4 from rounding, >= 1e-2 from a defect.
+ADAM_WEIGHT_TOLERANCE = 1e-3
+# Losses of Adam-family runs compared across reduction orders: |dL| <= |grad L . dw|, and dw is
+# at most ADAM_WEIGHT_TOLERANCE of a change that lowered the loss by a few % of itself, so
+# |dL| / L <= 1e-3 x a few % ~ 1e-4 (measured 1.3e-5 on another machine, against a 1e-5 limit);
+# a defect moves the losses after the first step by % (and a data error moves the first one).
+ADAM_LOSS_RTOL = 1e-4
+
+
+def initial_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
 def _make_model(folder: Path, tokenizer_dir: Path, model_type: str, num_layers: int) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
