@@ -168,6 +168,7 @@ def _run(request: dict, protocol_fds: tuple[int, int]) -> dict:
     codes: dict[int, int] = {}
     deadline = time.monotonic() + request["timeout"]
     kill_at: Optional[float] = None
+    first_failure = 0  # the status of the rank that failed first, not of the peers killed after it
     timed_out = False
     try:
         while len(codes) < len(ranks):
@@ -175,6 +176,7 @@ def _run(request: dict, protocol_fds: tuple[int, int]) -> dict:
             if pid:
                 codes[ranks[pid]] = os.waitstatus_to_exitcode(status)
                 if codes[ranks[pid]] != 0 and kill_at is None:
+                    first_failure = codes[ranks[pid]]
                     _kill_groups([p for p in ranks if ranks[p] not in codes], signal.SIGTERM)
                     kill_at = time.monotonic() + TERM_GRACE
                 continue
@@ -191,7 +193,8 @@ def _run(request: dict, protocol_fds: tuple[int, int]) -> dict:
             _kill_groups(living, signal.SIGKILL)
             for pid in living:
                 os.waitpid(pid, 0)
-    return {"codes": [codes[rank] for rank in range(len(ranks))], "timed_out": timed_out}
+    return {"codes": [codes[rank] for rank in range(len(ranks))], "first_failure": first_failure,
+            "timed_out": timed_out}
 
 
 def serve() -> None:
@@ -267,9 +270,9 @@ class ForkServer:
             raise RuntimeError(f"fork server: {answer['error']}")
         if answer["timed_out"]:
             raise subprocess.TimeoutExpired(command, timeout, output=out, stderr=err)
-        # torchrun reports the first failure; a single rank's status is the process's own.
-        failed = [code for code in answer["codes"] if code != 0]
-        return subprocess.CompletedProcess(command, failed[0] if failed else 0, out, err)
+        # The status of the rank that failed first (torchrun names that rank in its summary); with one rank,
+        # the process's own status, as `python script` would give.
+        return subprocess.CompletedProcess(command, answer["first_failure"], out, err)
 
     def close(self) -> None:
         if self.proc.poll() is None:
