@@ -1,8 +1,11 @@
 """Shared fixtures: tiny real models with a real SentencePiece tokenizer, and real launches.
 
 Models are random-initialized from small configs (no hub); the tokenizer is trained on
-the shipped Shakespeare text in a second. Training runs go through the real launchers
-as separate processes, on CPU with gloo.
+the shipped Shakespeare text in a second. Training runs are separate processes on CPU with
+gloo: the ranks of a run are forked from a warm fork server (tests/forkserver.py: the same
+ranks and process group, without ~10 s of imports per launch), or started by a real
+launcher when the test names one or passes environment that only a fresh process reads.
+OWLORE_TEST_FORKSERVER=0 runs everything under real launchers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from owlore_ds.distributed import free_port, remove_shm_buffers  # noqa: E402
+from forkserver import ForkServer  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 TRAIN = str(ROOT / "launch" / "train.py")
 CORPUS = ROOT / "data" / "pretrain" / "train.txt"
@@ -61,16 +65,38 @@ def launch_command(launcher: str, nproc: int, port: int, args: list[str], script
     raise ValueError(launcher)
 
 
+_fork_server: Optional[ForkServer] = None
+
+
+def fork_server() -> ForkServer:
+    """The session's fork server, started on first use (pytest_sessionfinish closes it)."""
+    global _fork_server
+    if _fork_server is None:
+        _fork_server = ForkServer(base_env(), ROOT)
+    return _fork_server
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _fork_server is not None:
+        _fork_server.close()
+
+
 def run_training(args: list[str], nproc: int = 1, launcher: Optional[str] = None, check: bool = True,
                  timeout: int = 300, script: str | Path = TRAIN,
                  extra_env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """Runs launch/train.py (or another entry script) under a launcher and returns the finished process."""
-    launcher = launcher or ("python" if nproc == 1 else "torchrun")
+    """Runs launch/train.py (or another entry script) and returns the finished process (or what reads
+    like one). A test that names a launcher gets it; so does one with extra_env, which may hold
+    variables read only at process start (MALLOC_*). Otherwise the ranks come from the fork server."""
     port = free_port()
     env = {**base_env(port), **(extra_env or {})}
+    forked = launcher is None and extra_env is None and os.environ.get("OWLORE_TEST_FORKSERVER", "1") != "0"
+    launcher = launcher or ("python" if nproc == 1 else "torchrun")
     try:
-        result = subprocess.run(launch_command(launcher, nproc, port, args, str(script)), env=env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=timeout)
+        if forked:
+            result = fork_server().run(str(script), [str(a) for a in args], nproc, env, timeout)
+        else:
+            result = subprocess.run(launch_command(launcher, nproc, port, args, str(script)), env=env, cwd=ROOT,
+                                    capture_output=True, text=True, timeout=timeout)
     finally:
         remove_shm_buffers(port)  # left behind by ranks that were killed
     if check and result.returncode != 0:
@@ -168,6 +194,47 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||a - start|| over all weights: how far two runs ended apart, measured against
+    how far training moved the weights.
+
+    Why not a max-abs tolerance for Adam-family runs that reduce in another order (1 rank x 4
+    examples against 2 ranks x 2, or 4 ranks whose fp32 sums depend on order): the gradients
+    of the two runs differ by rounding, delta ~ 1e-7..1e-6 of the gradient's scale G. Adam's
+    step lr * m / (sqrt(v) + eps) is nearly sign(g) while its history is short, and its
+    derivative at g ~ 0 is 1/eps (eps = 1e-8): an element whose gradient nearly cancels
+    (|g| < delta) can step differently by up to ~lr in one run than in the other. So the
+    largest element difference is anything up to ~2 lr (6e-2 at lr 3e-2): a max-abs atol
+    measures only whether such an element happened (1.08e-4 against 1e-4 on another machine).
+    In norm it is bounded: a fraction p ~ delta / G of the N elements (1e-7..1e-6) is hit,
+    each by <= ~lr, while every element moves ~lr per step over k steps, so the ratio is about
+    sqrt(p * N) lr / (k sqrt(N) lr) = sqrt(p) / k: ~1e-4 at most for k = 8 (measured: 1.2e-4
+    for full AdamW with 4 ranks, below 1e-5 for lisa/ZeRO-3). A real defect (a micro-batch
+    missing or counted twice, a wrong owner, a stale shard) changes the gradient itself by
+    O(1) relative, and the ratio by 1e-2 and more. ADAM_WEIGHT_TOLERANCE sits between.
+    """
+    assert a.keys() == b.keys()
+    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a) ** 0.5
+    change = sum(float((a[k].double() - start[k].double()).pow(2).sum()) for k in a) ** 0.5
+    assert change > 0
+    return diff / change
+
+
+# See relative_distance: ~sqrt(p) / k <= 1e-4 from rounding, >= 1e-2 from a defect.
+ADAM_WEIGHT_TOLERANCE = 1e-3
+# Losses of Adam-family runs compared across reduction orders: |dL| <= |grad L . dw|, and dw is
+# at most ADAM_WEIGHT_TOLERANCE of a change that lowered the loss by a few % of itself, so
+# |dL| / L <= 1e-3 x a few % ~ 1e-4 (measured 1.3e-5 on another machine, against a 1e-5 limit);
+# a defect moves the losses after the first step by % (and a data error moves the first one).
+ADAM_LOSS_RTOL = 1e-4
+
+
+def initial_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
 def _make_model(folder: Path, tokenizer_dir: Path, model_type: str, num_layers: int) -> Path:

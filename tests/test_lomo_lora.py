@@ -13,8 +13,8 @@ import copy
 import pytest
 import torch
 
-from conftest import (ROOT, assert_same_weights, common_args, final_weights, run_training,
-                      straight_and_killed_runs)
+from conftest import (ADAM_LOSS_RTOL, ADAM_WEIGHT_TOLERANCE, ROOT, assert_same_weights, common_args, final_weights,
+                      initial_weights, relative_distance, run_training, straight_and_killed_runs)
 from owlore_ds.metrics import read_metrics
 from owlore_ds.fused import FusedUpdate
 
@@ -109,12 +109,17 @@ def test_one_rank_equals_two_ranks(tmp_path, tiny_llama, task_data, method, stag
     run_training(common_args(tiny_llama, task_data, two, per_device_train_batch_size=2, **flags), nproc=2)
     metrics_one, metrics_two = read_metrics(one), read_metrics(two)
     losses_one, losses_two = [m["loss"] for m in metrics_one], [m["loss"] for m in metrics_two]
-    assert losses_one == pytest.approx(losses_two, rel=1e-5)
+    # lora steps with AdamW, which turns the rounding of another reduction order into up to ~lr on
+    # the elements whose gradient nearly cancels: compare in norm (conftest.relative_distance).
+    # lomo (SGD) and adalomo (factored second moment, no per-element 1/|g|) keep the rounding's size.
+    assert losses_one == pytest.approx(losses_two, rel=ADAM_LOSS_RTOL if method == "lora" else 1e-5)
     # An untrained random model scores about ln(vocab) = 6.24 on every batch, so a 2% fall is learning.
     assert sum(losses_one[-3:]) < 0.98 * sum(losses_one[:3]), losses_one
-    # Adam divides by sqrt(v): rounding of another reduction order moves weights by ~lr x 1e-3
-    # (the full-AdamW test tolerates 1e-5 at lr 3e-3); SGD-like updates stay within 1e-5.
-    assert_same_weights(final_weights(one), final_weights(two), atol=1e-4 if method == "lora" else 1e-5)
+    if method == "lora":
+        distance = relative_distance(final_weights(one), final_weights(two), initial_weights(tiny_llama))
+        assert distance < ADAM_WEIGHT_TOLERANCE, distance
+    else:
+        assert_same_weights(final_weights(one), final_weights(two), atol=1e-5)
 
     num_params, factored, adapters = _num_params(tiny_llama)
     state_one, state_two = metrics_one[-1]["optimizer_state_bytes"], metrics_two[-1]["optimizer_state_bytes"]

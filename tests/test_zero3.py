@@ -20,8 +20,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (ROOT, base_env, common_args, final_weights, run_training, straight_and_killed_runs,
-                      assert_same_weights)
+from conftest import (ROOT, base_env, common_args, final_weights, initial_weights, relative_distance, run_training,
+                      straight_and_killed_runs, assert_same_weights)
 from owlore_ds.metrics import read_metrics
 
 ZERO2 = ROOT / "ds_configs" / "zero2.json"
@@ -36,21 +36,6 @@ def four_layers(make_tiny_model):
     return make_tiny_model("llama", num_layers=4)
 
 
-def _initial(model_dir) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(model_dir / "model.safetensors"))
-
-
-def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
-    """||a - b|| / ||a - start|| over all weights."""
-    assert a.keys() == b.keys()
-    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a) ** 0.5
-    change = sum(float((a[k].double() - start[k].double()).pow(2).sum()) for k in a) ** 0.5
-    assert change > 0
-    return diff / change
-
-
 @pytest.mark.parametrize("method", ["owlore", "lisa", "galore"])
 def test_zero3_on_one_two_and_four_ranks_trains_as_zero2(tmp_path, four_layers, task_data, method):
     """Global batch 4 as 1 rank x 4, 2 ranks x 2 and 4 ranks x 1, ZeRO-3, against 1 rank under ZeRO-2."""
@@ -60,7 +45,7 @@ def test_zero3_on_one_two_and_four_ranks_trains_as_zero2(tmp_path, four_layers, 
         run_training(common_args(four_layers, task_data, tmp_path / name, deepspeed=config,
                                  per_device_train_batch_size=4 // nproc, **args), nproc=nproc)
     reference = read_metrics(tmp_path / "zero2-1")
-    reference_weights, start = final_weights(tmp_path / "zero2-1"), _initial(four_layers)
+    reference_weights, start = final_weights(tmp_path / "zero2-1"), initial_weights(four_layers)
     if method != "galore":
         assert len({tuple(m["active_layers"]) for m in reference}) > 1, "the test needs layers to change"
     assert any(m["grad_norm"] > 0.5 for m in reference)  # clipping was active
@@ -98,7 +83,7 @@ def test_zero3_owlore_with_every_layer_active_equals_galore_torch(tmp_path, make
     expected = _oracle_weights(model, task_data, steps=8, batch=4, lr=3e-3, max_grad_norm=0, weight_decay=0.01,
                                canonical_signs=signs == "canonical", update_proj_gap=3 if signs == "canonical" else 8)
     trained = final_weights(out)
-    assert relative_distance(trained, {k: expected[k] for k in trained}, _initial(model)) < WEIGHT_TOLERANCE
+    assert relative_distance(trained, {k: expected[k] for k in trained}, initial_weights(model)) < WEIGHT_TOLERANCE
 
 
 def test_zero3_killed_and_resumed_owlore_equals_straight_run(tmp_path, four_layers, task_data):
@@ -137,7 +122,7 @@ def test_zero3_checkpoint_resumes_on_another_world_size(tmp_path, four_layers, t
     assert [m["step"] for m in b] == [4, 5, 6]
     assert [m["active_layers"] for m in b] == [m["active_layers"] for m in a[3:]]
     assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a[3:]], rel=1e-5)
-    start = _initial(four_layers)
+    start = initial_weights(four_layers)
     assert relative_distance(final_weights(moved), final_weights(straight), start) < WEIGHT_TOLERANCE
     # convert_to_hf on the ZeRO-3 checkpoints gives the weights of final/, also in shards.
     for out in (straight, moved):

@@ -20,9 +20,10 @@ def main() -> None:
     trainer = Trainer(cfg)
     trainer.train()
     input_ids = torch.arange(2 * 24).reshape(2, 24) % trainer.model_config.vocab_size
-    trainer.engine.eval()
+    engine = trainer.method.engine  # every method family builds one DeepSpeed engine
+    engine.eval()
     with torch.no_grad():  # every rank joins: under ZeRO-3 the forward gathers the shards
-        logits = trainer.engine(input_ids=input_ids.to(trainer.device)).logits
+        logits = engine(input_ids=input_ids.to(trainer.device)).logits
     if dist.is_main():
         torch.save({"input_ids": input_ids, "logits": logits.cpu()}, os.environ["OWLORE_TEST_LOGITS"])
     dist.shutdown()
