@@ -143,12 +143,18 @@ def _folder_bytes(folder) -> int:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs (development machines and CI run as root)")
-def test_a_save_that_fills_the_disk_fails_on_every_rank_and_resume_equals_straight(tmp_path, tiny_llama, task_data):
+@pytest.mark.parametrize("method", ["full", "owlore"])
+def test_a_save_that_fills_the_disk_fails_on_every_rank_and_resume_equals_straight(tmp_path, tiny_llama, task_data,
+                                                                                   method):
     """The output folder is a small tmpfs: checkpoint-2 fits, checkpoint-4 fills it. Both
     ranks exit non-zero within 60 s naming the file; checkpoint-4 stays `.tmp`; resumed
-    elsewhere from checkpoint-2, the run equals a straight one."""
+    elsewhere from checkpoint-2, the run equals a straight one. full writes through DeepSpeed's
+    engine (ZeRO-2), owlore its own weight shards and state under ZeRO-3."""
     args = dict(deepspeed=ZERO2, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=6,
                 save_steps=2, resume_from_checkpoint="auto")
+    if method == "owlore":
+        args.update(method="owlore", deepspeed=ROOT / "ds_configs" / "zero3.json", lisa_activated_layers=1,
+                    lisa_interval_steps=2, owl_nsamples=4, galore_rank=8)
     straight = tmp_path / "straight"
     run_training(common_args(tiny_llama, task_data, straight, **args), nproc=2)
     checkpoint_bytes = _folder_bytes(straight / "checkpoint-2")

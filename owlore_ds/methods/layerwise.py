@@ -8,7 +8,6 @@ hooks), so the loss is only scaled to the global-batch mean and backpropagated.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
