@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -215,16 +215,18 @@ def is_mix(path: str) -> bool:
 # ---------------------------------------------------------------- reading files
 
 
-def _data_files(path: str) -> list[str]:
+def data_files(path: str, flag: str = "--dataset_path", suffixes: tuple[str, ...] = SUFFIXES) -> list[str]:
+    """`path` itself, or the files of the folder `path` with one of `suffixes`, sorted; a
+    one-line error naming `flag` otherwise."""
     if os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.endswith(SUFFIXES))
+        files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.endswith(suffixes))
         if not files:
-            raise UserInputError(f"--dataset_path {path}: folder holds no {'/'.join(SUFFIXES)} files")
+            raise UserInputError(f"{flag} {path}: folder holds no {'/'.join(suffixes)} files")
         return files
     if not os.path.isfile(path):
-        raise UserInputError(f"--dataset_path {path}: no such file or folder")
-    if not path.endswith(SUFFIXES):
-        raise UserInputError(f"--dataset_path {path}: expected a {'/'.join(SUFFIXES)} file or a folder")
+        raise UserInputError(f"{flag} {path}: no such file or folder")
+    if not path.endswith(suffixes):
+        raise UserInputError(f"{flag} {path}: expected a {'/'.join(suffixes)} file or a folder")
     return [path]
 
 
@@ -238,8 +240,8 @@ def _load_json(path: str) -> Any:
         raise UserInputError(f"{path}: not UTF-8 text") from None
 
 
-def _load_jsonl(path: str) -> list[dict]:
-    rows = []
+def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; a one-line error at the first bad one."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -250,8 +252,11 @@ def _load_jsonl(path: str) -> list[dict]:
                 raise UserInputError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise UserInputError(f"{path}: line {lineno} is not a JSON object")
-            rows.append(row)
-    return rows
+            yield lineno, row
+
+
+def _load_jsonl(path: str) -> list[dict]:
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _load_parquet(path: str) -> list[dict]:
@@ -403,7 +408,7 @@ def _check_records(path: str, kind: str, records: list[dict]) -> None:
 
 def read_records(path: str) -> tuple[str, list[dict], list[str]]:
     """Reads and checks every file under `path`; returns (kind, records, files)."""
-    files = _data_files(path)
+    files = data_files(path)
     kinds, records = set(), []
     for file in files:
         kind, file_records = _read_file(file)

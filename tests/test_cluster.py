@@ -404,6 +404,19 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
             torch.rand(3).tolist()) == expected
 
 
+def _two_slurm_tasks(args: list[str], port: int, timeout: int) -> tuple[list[int], list[str]]:
+    """Two tasks started as srun would, run to their end: (exit codes, stderrs)."""
+    tasks = start_slurm_tasks(args, 2, port, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        stderrs = [task.communicate(timeout=timeout)[1] for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+            task.wait()
+        remove_shm_buffers(port)
+    return [task.returncode for task in tasks], stderrs
+
+
 def test_a_failed_final_export_fails_every_rank(tmp_path, tiny_llama, task_data):
     """OUT/final holds a folder of the user's: rank 0's export refuses it (exit 2) and rank 1,
     waiting for rank 0, fails at once with rank 0's reason; nothing of the user's is deleted."""
@@ -412,15 +425,8 @@ def test_a_failed_final_export_fails_every_rank(tmp_path, tiny_llama, task_data)
     (out / "final" / "notes.txt").write_text("mine")
     args = common_args(tiny_llama, task_data, out, per_device_train_batch_size=1, max_steps=2,
                        resume_from_checkpoint="auto", ddp_timeout=600)
-    tasks = start_slurm_tasks(args, 2, port, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        stderrs = [task.communicate(timeout=300)[1] for task in tasks]
-    finally:
-        for task in tasks:
-            task.kill()
-            task.wait()
-        remove_shm_buffers(port)
-    assert [task.returncode for task in tasks] == [2, 1], stderrs
+    returncodes, stderrs = _two_slurm_tasks(args, port, timeout=300)
+    assert returncodes == [2, 1], stderrs
     assert re.search(rf"error: {out}/final: --overwrite replaces only an earlier export", stderrs[0]), stderrs[0][-2000:]
     assert re.search(rf"error: rank 1: exporting {out}/final failed on rank 0: {out}/final: --overwrite replaces",
                      stderrs[1]), stderrs[1][-2000:]
@@ -436,15 +442,8 @@ def test_a_truncated_file_of_one_rank_fails_every_rank_before_loading(tmp_path, 
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     port = free_port()
     resume = args + ["--resume_from_checkpoint", str(out / "checkpoint-1"), "--max_steps", "3"]
-    tasks = start_slurm_tasks(resume, 2, port, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        stderrs = [task.communicate(timeout=120)[1] for task in tasks]
-    finally:
-        for task in tasks:
-            task.kill()
-            task.wait()
-        remove_shm_buffers(port)
-    assert [task.returncode for task in tasks] == [2, 2], stderrs
+    returncodes, stderrs = _two_slurm_tasks(resume, port, timeout=120)
+    assert returncodes == [2, 2], stderrs
     assert f"error: {out}/checkpoint-1: corrupt checkpoint (global_step1/{bad.name} is truncated" in stderrs[0], \
         stderrs[0][-2000:]
 

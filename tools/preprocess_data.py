@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from owlore_ds.cli import run_main  # noqa: E402
+from owlore_ds.data import data_files, iter_jsonl  # noqa: E402
 from owlore_ds.errors import UserInputError  # noqa: E402
 from owlore_ds.indexed import IndexedWriter, token_dtype  # noqa: E402
 
@@ -36,16 +36,7 @@ _dtype: Optional[type] = None
 
 
 def input_files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(SUFFIXES))
-        if not files:
-            raise UserInputError(f"--input {path}: folder holds no {'/'.join(SUFFIXES)} files")
-        return files
-    if not os.path.isfile(path):
-        raise UserInputError(f"--input {path}: no such file or folder")
-    if not path.endswith(SUFFIXES):
-        raise UserInputError(f"--input {path}: expected a {'/'.join(SUFFIXES)} file or a folder")
-    return [path]
+    return data_files(path, "--input", SUFFIXES)
 
 
 def documents(files: list[str], text_key: str) -> Iterator[str]:
@@ -55,18 +46,11 @@ def documents(files: list[str], text_key: str) -> Iterator[str]:
             with open(path, encoding="utf-8", errors="replace") as fh:
                 yield fh.read()
         elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserInputError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
-                    if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
-                        found = sorted(row) if isinstance(row, dict) else type(row).__name__
-                        raise UserInputError(f"{path}: line {lineno} has no string {text_key!r} (--text_key); found {found}")
-                    yield row[text_key]
+            for lineno, row in iter_jsonl(path):
+                if not isinstance(row.get(text_key), str):
+                    raise UserInputError(f"{path}: line {lineno} has no string {text_key!r} (--text_key); "
+                                         f"found {sorted(row)}")
+                yield row[text_key]
         else:
             import pyarrow.parquet as pq
 
