@@ -470,11 +470,14 @@ def save_full_weights(module: torch.nn.Module, directory: str, errors: WriteErro
                       shard_bytes: int = SHARD_BYTES) -> None:
     """Every rank writes a share of the whole weights: tensor i goes to rank i % N, into
     safetensors shards of at most `shard_bytes` (one tensor larger than that gets its own);
-    rank 0 writes the index. Under ZeRO-3 each tensor is gathered in turn, so no rank holds
-    more than one full tensor beyond its shard buffer, and the writing is spread over ranks.
+    rank 0 writes the index. Under ZeRO-3 each tensor's partitions are gathered to its writer
+    only (not to every rank), so a rank receives about 1/N of the model and holds no more than
+    one full tensor beyond its shard buffer, and the writing is spread over ranks.
     Each write goes through `errors`, so a rank whose disk is full still joins the gathers."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from deepspeed.accelerator import get_accelerator
     from safetensors.torch import save_file
+
+    from owlore_ds.layerwise.comm import gather_whole, is_partitioned
 
     rank, world = dist.rank(), dist.world_size()
     shard: dict[str, torch.Tensor] = {}
@@ -490,13 +493,18 @@ def save_full_weights(module: torch.nn.Module, directory: str, errors: WriteErro
             weight_map.update({key: name for key in shard})
             shard, count = {}, count + 1
 
+    device = torch.device(get_accelerator().current_device_name())
     for i, (name, p) in enumerate(module.named_parameters()):
-        with GatheredParameters([p], modifier_rank=None):
-            if i % world == rank:
-                tensor = p.data.detach().to("cpu", copy=True)
-                if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > shard_bytes:
-                    flush()
-                shard[name] = tensor
+        writer = i % world
+        if is_partitioned(p):
+            whole = gather_whole(p, writer, device)
+            tensor = None if whole is None else whole.view(p.ds_shape).to("cpu", copy=True)
+        else:
+            tensor = p.data.detach().to("cpu", copy=True) if rank == writer else None
+        if tensor is not None:
+            if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > shard_bytes:
+                flush()
+            shard[name] = tensor
     flush()
     maps = dist.all_gather_object(weight_map)
     if dist.is_main():

@@ -93,9 +93,12 @@ class Trainer:
         self.step += 1
         grad_norm = self.method.grad_norm()
         on_device, offloaded = self.method.state_bytes()
+        extra = self.method.step_metrics()
+        per_rank = [k for k, v in extra.items() if isinstance(v, (int, float))]  # logged as the largest
         (total_loss,) = dist.all_reduce([float(loss_sum)])
-        peak, state_bytes, offloaded = dist.all_reduce(
-            [metrics.peak_memory_bytes(self.memory_baseline), on_device, offloaded], op="max")
+        peak, state_bytes, offloaded, *largest = dist.all_reduce(
+            [metrics.peak_memory_bytes(self.memory_baseline), on_device, offloaded] + [float(extra[k]) for k in per_rank],
+            op="max")
         step_time = time.perf_counter() - start
         tokens = self.data.token_count(rows)
         record = {
@@ -106,9 +109,6 @@ class Trainer:
         }
         if offloaded:
             record["offloaded_state_bytes"] = int(offloaded)
-        extra = self.method.step_metrics()
-        per_rank = [k for k, v in extra.items() if isinstance(v, (int, float))]
-        largest = dist.all_reduce([float(extra[k]) for k in per_rank], op="max") if per_rank else []
         record.update(extra)
         record.update({k: int(v) if isinstance(extra[k], int) else v for k, v in zip(per_rank, largest)})
         return record

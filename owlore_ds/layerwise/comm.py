@@ -154,22 +154,34 @@ def _partition(p: torch.nn.Parameter) -> torch.Tensor:
     return p.ds_tensor.view(-1)
 
 
-def read_weights(item: Item, zero3: bool, rank: int, device: torch.device) -> Optional[torch.Tensor]:
-    """The item's current weights as a flat tensor on its owner (None elsewhere).
+def gather_whole(p: torch.nn.Parameter, dst: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The whole flat tensor of a ZeRO-3 partitioned parameter on rank `dst` only (None elsewhere):
+    one `gather` of the partitions, not DeepSpeed's all-gather to every rank. A collective."""
+    part = _partition(p).to(device)
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    pieces = [torch.empty_like(part) for _ in range(world)] if rank == dst else None
+    torch_dist.gather(part, pieces, dst=dst)
+    return torch.cat(pieces)[: p.ds_numel] if pieces is not None else None
 
-    A collective under ZeRO-3 for a whole matrix (the partitions are gathered to the
-    owner), so every rank calls it for every item, in the same order.
+
+def is_partitioned(p: torch.nn.Parameter) -> bool:
+    """Held by ZeRO-3 as partitions only just now (the same answer on every rank)."""
+    return hasattr(p, "ds_tensor") and not _whole_copy(p)
+
+
+def read_weights(item: Item, zero3: bool, rank: int, device: torch.device, gather: bool = True) -> Optional[torch.Tensor]:
+    """The item's current weights as a flat tensor on its owner (None elsewhere, and None on the
+    owner of a partitioned matrix when `gather` is False: it updates its master copy instead).
+
+    A collective under ZeRO-3 for a whole matrix with `gather` (the partitions are gathered
+    to the owner), so every rank calls it for every item, in the same order, with the same `gather`.
     """
     p = item.param
     if not zero3 or _whole_copy(p):
         return p.data.view(-1)[item.lo : item.hi] if item.owner == rank else None
     if not item.whole:  # a chunk is the owner's own partition
         return _partition(p)[: item.numel].to(device) if item.owner == rank else None
-    part = _partition(p).to(device)
-    world = torch_dist.get_world_size()
-    pieces = [torch.empty_like(part) for _ in range(world)] if item.owner == rank else None
-    torch_dist.gather(part, pieces, dst=item.owner)
-    return torch.cat(pieces)[: item.numel] if pieces is not None else None
+    return gather_whole(p, item.owner, device) if gather else None
 
 
 def write_weights(item: Item, weights: Optional[torch.Tensor], zero3: bool, rank: int, device: torch.device) -> None:

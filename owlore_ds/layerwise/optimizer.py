@@ -165,16 +165,29 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    def _clip_coefficient(self, grads: dict[str, torch.Tensor]) -> float:
-        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+    def _needs_current_weights(self, item: Item) -> bool:
+        """Whether this rank, owning `item`, must gather the matrix under ZeRO-3 before updating:
+        not when it holds a master copy, which is what it updates (the weights are its rounding)."""
+        state = self.item_state.get(item.key)
+        return item.owner == self.rank and (state is None or "master" not in state)
+
+    def _clip_and_plan(self, items: list[Item], grads: dict[str, torch.Tensor]) -> tuple[float, list[bool]]:
+        """(clip coefficient, per item whether its owner gathers the matrix), from one all-reduce
+        of [squared norm, gather flags] and the step's one host sync."""
+        flags = torch.tensor([float(self.zero3 and self._needs_current_weights(item)) for item in items],
+                             dtype=torch.float64, device=self.device)
+        squares = torch.zeros(1, dtype=torch.float64, device=self.device)
         for grad in grads.values():
             squares += squared_norm(grad)
+        reduced = torch.cat([squares, flags])
         if self.world > 1:
-            torch_dist.all_reduce(squares)
-        self.global_grad_norm = float(squares.sqrt())  # the step's one host sync
+            torch_dist.all_reduce(reduced)
+        reduced = reduced.tolist()
+        self.global_grad_norm = math.sqrt(reduced[0])
+        gather = [flag > 0 for flag in reduced[1:]]
         if self.max_grad_norm > 0 and self.global_grad_norm > self.max_grad_norm:
-            return self.max_grad_norm / (self.global_grad_norm + 1e-6)
-        return 1.0
+            return self.max_grad_norm / (self.global_grad_norm + 1e-6), gather
+        return 1.0, gather
 
     def _new_state(self, item: Item, weights: torch.Tensor) -> dict[str, Any]:
         state: dict[str, Any] = {"step": 0}
@@ -182,9 +195,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             state["master"] = weights.float().clone()
         return state
 
-    def _update(self, item: Item, weights: torch.Tensor, grad: torch.Tensor, coefficient: float,
+    def _update(self, item: Item, weights: Optional[torch.Tensor], grad: torch.Tensor, coefficient: float,
                 group: dict[str, Any]) -> torch.Tensor:
-        """Steps one owned item (flat `weights`, updated in place and returned) with its summed gradient."""
+        """Steps one owned item with its summed gradient; returns its new flat weights (`weights`
+        updated in place, or, when the matrix was not gathered, the rounded master copy)."""
         state = self.item_state.get(item.key)
         if state is None:
             state = self.item_state[item.key] = self._new_state(item, weights)
@@ -205,6 +219,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 svd=settings.svd, canonical_signs=settings.canonical_signs, refresh_offset=self._refresh_offset(item))
         else:
             adamw_step(weight, grad, state, group)
+        if weights is None:
+            return weight.to(item.param.dtype)
         if weight.data_ptr() != weights.data_ptr():
             weights.copy_(weight)
         return weights
@@ -222,11 +238,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         items = self.items()
         self.reducer.finish()
         grads = {item.key: self.reducer.take(item, self.device) for item in items if item.owner == self.rank}
-        coefficient = self._clip_coefficient(grads)
+        coefficient, gather = self._clip_and_plan(items, grads)
         if not math.isfinite(self.global_grad_norm):  # the same value on every rank: all stop together
             raise RuntimeError(f"the gradient norm is {self.global_grad_norm}; stopping before the weights take it")
-        for item in items:
-            weights = comm.read_weights(item, self.zero3, self.rank, self.device)
+        for item, gather_item in zip(items, gather):
+            weights = comm.read_weights(item, self.zero3, self.rank, self.device, gather_item)
             if item.owner == self.rank:
                 weights = self._update(item, weights, grads.pop(item.key), coefficient, group)
             comm.write_weights(item, weights, self.zero3, self.rank, self.device)

@@ -34,6 +34,7 @@ class LayerwiseMethod(OwnWeightsMethod):
         self.engine, _, _, _ = deepspeed.initialize(model=model, config=config)
         self.scheduler = build_scheduler(self.optimizer, self.cfg, total_steps)
         self.active_layers = ActiveLayers(self.cfg, self.optimizer, ratios)
+        self._weight_bytes: Optional[int] = None
 
     def begin_step(self, step: int) -> None:
         self.active_layers.before_step(step)
@@ -58,6 +59,14 @@ class LayerwiseMethod(OwnWeightsMethod):
                 "peak_gradient_bytes": self.optimizer.reducer.peak_held_bytes}
 
     def weight_bytes(self) -> int:
+        """Counted once: partition sizes do not change, and what DeepSpeed gathered for a
+        step is released before the step ends (a walk over every parameter at each step
+        is what this avoids)."""
+        if self._weight_bytes is None:
+            self._weight_bytes = self._count_weight_bytes()
+        return self._weight_bytes
+
+    def _count_weight_bytes(self) -> int:
         storages = {}  # on one rank ZeRO-3's p.data is a view of its partition: count it once
         for p in self.engine.module.parameters():
             for t in (p.data, getattr(p, "ds_tensor", None)):
