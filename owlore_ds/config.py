@@ -98,6 +98,9 @@ class TrainConfig:
                 "pure_bf16 (bf16 moments, as the reference)"})
     reduce_dtype: str = field(default="fp32", metadata={
         "help": "lisa/owlore/galore: dtype of the gradient reduction to owners, fp32 or bf16 (half the traffic)"})
+    update_in_backward: bool = field(default=False, metadata={
+        "help": "lisa/owlore/galore: update each owned tensor as soon as its reduced gradient is complete "
+                "(last micro-batch's backward) and free it; needs --max_grad_norm 0"})
     galore: bool = field(default=False, metadata={"help": "with --method lisa: the reference's switch for owlore"})
     galore_rank: int = 256
     galore_update_proj_gap: int = 100
@@ -175,6 +178,13 @@ class TrainConfig:
         for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.update_in_backward and not self.layerwise:
+            raise UserInputError(f"--update_in_backward: applies to lisa, owlore and galore, not --method {self.method} "
+                                 "(lomo/adalomo always update in backward)")
+        if self.update_in_backward and self.max_grad_norm > 0:
+            raise UserInputError(
+                f"--update_in_backward with --max_grad_norm {self.max_grad_norm}: clipping by the global norm needs "
+                "every gradient before the first update; give --max_grad_norm 0")
         if self.fused and self.gradient_accumulation_steps > 1:
             raise UserInputError(
                 f"--gradient_accumulation_steps {self.gradient_accumulation_steps}: --method {self.method} updates each "

@@ -151,6 +151,12 @@ def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def max_live_parameters(config: dict[str, Any]) -> Optional[int]:
+    """stage3_max_live_parameters if the config sets a number (None: DeepSpeed's default)."""
+    live = config.get("zero_optimization", {}).get("stage3_max_live_parameters")
+    return int(float(live)) if isinstance(live, (int, float)) and not isinstance(live, bool) else None
+
+
 def offloads_optimizer(config: dict[str, Any]) -> bool:
     device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return device not in (None, "none")

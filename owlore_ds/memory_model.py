@@ -222,10 +222,11 @@ def _activation_parts(s: _Shapes, micro_batch: int, block: int, a: int, checkpoi
     else:
         layers_saved = trainable_layers * per_trained + frozen_layers * per_frozen
         recompute = 0
-    # The model's own tensors: the 4-D boolean padding mask (B x 1 x S x S), rotary cos/sin,
-    # the final norm (fp32 input copy, normalized, output for lm_head when it is trained).
+    # The model's own tensors: the 4-D boolean padding mask (B x 1 x S x S), rotary cos/sin.
     mask = micro_batch * block * block
     rotary = 2 * FP32 * block * s.head_dim
+    # The final norm's saved tensors (fp32 input copy, normalized, output for lm_head when it
+    # is trained) are freed by its own backward, before any layer's: part of the loss' phase.
     final_norm = FP32 * tokens * s.hidden + (2 * a * tokens * s.hidden if lm_head_trained else 0)
     # causal_lm_loss_sum keeps only a model-dtype copy of the shifted logits (the model's own
     # logits are freed once it is made) and recomputes each chunk's fp32 cross entropy in
@@ -234,9 +235,9 @@ def _activation_parts(s: _Shapes, micro_batch: int, block: int, a: int, checkpoi
     # tensors (upcast logits, log-softmax, gradient); measured within 5% on CPU at 4096
     # tokens x 32000 (bf16 940 MB measured, 917 predicted).
     chunk = min(LOSS_CHUNK_TOKENS, shifted)
-    loss_workspace = 2 * a * shifted * s.vocab + 3 * FP32 * chunk * s.vocab
+    loss_workspace = final_norm + 2 * a * shifted * s.vocab + 3 * FP32 * chunk * s.vocab
     layer_phase = recompute + _layer_backward_temps(s, tokens, a)
-    return layers_saved + mask + rotary + final_norm, loss_workspace, layer_phase
+    return layers_saved + mask + rotary, loss_workspace, layer_phase
 
 
 def _activations(s: _Shapes, micro_batch: int, block: int, a: int, checkpointing: bool,
@@ -262,8 +263,13 @@ ZERO3_SUB_GROUP_SIZE = 10**9
 
 
 def _zero3_gathered(s: _Shapes, w: int, live: int = ZERO3_MAX_LIVE_PARAMETERS) -> int:
-    """Parameters ZeRO-3 keeps gathered: up to stage3_max_live_parameters (see _deepspeed_adamw)."""
-    return w * min(s.total_params(), live)
+    """Parameters ZeRO-3 holds gathered at once: the module it runs (fetched whole whatever
+    the limit) plus what it prefetches or keeps for reuse, which stage3_max_live_parameters
+    bounds (DeepSpeed 0.19 partitioned_param_coordinator: prefetch stops at the limit;
+    parameters reused within stage3_max_reuse_distance stay, so that distance should not
+    exceed the limit, as in ds_configs/zero3_bounded.json). At most the whole model."""
+    largest_module = max(math.prod(shape) for _, shape in s.layer_tensors() + s.embedding_tensors())
+    return w * min(s.total_params(), live + largest_module)
 
 
 def _adamw_step_temps(numel: int, device: str) -> int:
@@ -307,7 +313,8 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
              lisa_activated_layers: int = 2, galore_rank: int = 256, master_weights: str = "fp32",
              freeze_embeddings: bool = False, lora_r: int = 8, lora_target_modules: tuple = ("q_proj", "v_proj"),
              offload: bool = False, device: str = "cuda", reduce_dtype: str = "fp32",
-             zero3_max_live_parameters: int = ZERO3_MAX_LIVE_PARAMETERS) -> MemoryEstimate:
+             zero3_max_live_parameters: int = ZERO3_MAX_LIVE_PARAMETERS,
+             gradient_accumulation_steps: int = 1, update_in_backward: bool = False) -> MemoryEstimate:
     """Per-device bytes of one training run of `method` on a Hugging Face decoder `config`.
 
     `device` ("cuda" or "cpu") decides the two things that differ between them: torch
@@ -319,11 +326,14 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
            lisa_activated_layers, lora_r, device)
     if reduce_dtype not in PRECISIONS:
         raise UserInputError(f"--reduce_dtype {reduce_dtype!r}: expected fp32 or bf16")
+    if gradient_accumulation_steps < 1:
+        raise UserInputError(f"--gradient_accumulation_steps {gradient_accumulation_steps}: expected at least 1")
     s = _shapes(config)
     if method in LAYERWISE:
         result = _layerwise(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
                             gradient_checkpointing, lisa_activated_layers, galore_rank, master_weights,
-                            freeze_embeddings, device, PRECISIONS[reduce_dtype], zero3_max_live_parameters)
+                            freeze_embeddings, device, PRECISIONS[reduce_dtype], zero3_max_live_parameters,
+                            gradient_accumulation_steps, update_in_backward)
     elif method in ("lomo", "adalomo"):
         result = _lomo(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
                        gradient_checkpointing, device, zero3_max_live_parameters)
@@ -385,7 +395,7 @@ def _deepspeed_adamw(s: _Shapes, method: str, n: int, stage: int, precision: str
         # stage3_max_reuse_distance (default 1e9), up to stage3_max_live_parameters (default
         # 1e9): with the defaults of ds_configs/zero3.json up to 1e9 parameters stay live,
         # through the step too. Plus the reduce bucket (ipg buffer, contiguous_gradients).
-        est.comm_buffers = min(total, live) * w + _reduce_bucket(s) * w
+        est.comm_buffers = _zero3_gathered(s, w, live) + _reduce_bucket(s) * w
         # grad_partitions_flat_buffer (1/N, kept between steps); at the step each sub-group
         # (stage3 sub_group_size, default 1e9) is flattened into a new fp32 tensor.
         persistent_grads = part * w
@@ -477,9 +487,9 @@ def _owned_numels(s: _Shapes, n: int, active: int, freeze_embeddings: bool) -> l
 
 
 def _gradients_in_flight(n: int, bucket_elements: int, reduce_bytes: int) -> int:
-    """The reducer's buckets (layerwise/comm.py): one filling while the previous one is reduced,
-    each at most `bucket_elements` (larger gradients are cut into pieces)."""
-    return 0 if n == 1 else 2 * reduce_bytes * bucket_elements
+    """The reducer's buckets (layerwise/comm.py): half of reduce_bucket_size fills while the
+    other half is reduced (larger gradients are cut into pieces), one budget in all."""
+    return 0 if n == 1 else reduce_bytes * bucket_elements
 
 
 def layerwise_gradient_bytes(config: Any, world_size: int, active_layers: int, bucket_elements: int,
@@ -495,15 +505,17 @@ def layerwise_gradient_bytes(config: Any, world_size: int, active_layers: int, b
 
 def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micro: int, block: int,
                checkpointing: bool, gamma: int, galore_rank: int, master_weights: str, freeze_embeddings: bool,
-               device: str, reduce_bytes: int = FP32, live: int = ZERO3_MAX_LIVE_PARAMETERS) -> MemoryEstimate:
+               device: str, reduce_bytes: int = FP32, live: int = ZERO3_MAX_LIVE_PARAMETERS,
+               accumulation: int = 1, update_in_backward: bool = False) -> MemoryEstimate:
     """lisa, galore, owlore: owlore_ds/layerwise/ at DeepSpeed stage 0 (weights replicated) or 3.
 
     Per rank: the weights (all, or the ZeRO-3 partitions),
     the owned items' state (LayerwiseOptimizer.state_bytes: fp32 master when the weights are
     bf16 and --master_weights fp32, AdamW moments or GaLore moments+projector), the owned
-    share of the gradients in fp32 accumulators plus the reduction buckets in flight (each
-    gradient is reduced to its owner inside backward and dropped), and under ZeRO-3 the
-    parameters DeepSpeed keeps gathered through forward and backward.
+    share of the gradients (in fp32 accumulators; on one rank with one micro-batch per step
+    the gradients as autograd made them) plus the reduction buckets in flight (each gradient
+    is reduced to its owner inside backward and dropped), and under ZeRO-3 the parameters
+    DeepSpeed keeps gathered through forward and backward.
     """
     from owlore_ds.galore import optimizer_state_bytes_for_shape
     from owlore_ds.layerwise.plan import chunk_bounds
@@ -546,12 +558,23 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     est.optimizer_state = per_rank[heaviest] - est.master_weights
 
     est.weights = _weights_per_rank(s, n, stage, w)
-    # Owned share in fp32 accumulators (on one rank an fp32 gradient is kept as it is), the
-    # buckets in flight, and the one gradient autograd has made and the hook not yet taken.
-    in_flight = _gradients_in_flight(n, _reduce_bucket(s), reduce_bytes)
-    largest_trained = max(math.prod(shape) for shape in shapes.values()) if shapes else 0
-    largest_trained = max([largest_trained] + always)
-    est.gradients = FP32 * max(owned_numel) + in_flight + w * largest_trained
+    # Owned share in fp32 accumulators (on one rank an fp32 gradient is kept as it is) and the
+    # buckets in flight; besides them the one gradient autograd has made and the hook not yet
+    # taken, which depends on the moment (below).
+    # GradientReducer._accumulate keeps a single micro-batch's whole gradient as it came (on
+    # N > 1 ranks the owner's reduced pieces are summed into fp32, the reduce dtype's default).
+    accumulator_bytes = w if n == 1 and accumulation == 1 else FP32
+    in_backward = update_in_backward and accumulation == 1
+    if in_backward:
+        # Each item is updated and its gradient freed once complete: on one rank at once; on
+        # more when the bucket holding its last piece completes, so at most the items of the
+        # two buckets around it (bounded by the two largest owned items) are summed at a time.
+        largest_owned = max(largest_item[r][0] for r in range(n))
+        accumulated = accumulator_bytes * (1 if n == 1 else 2) * largest_owned
+    else:
+        accumulated = accumulator_bytes * max(owned_numel)
+    accumulated += _gradients_in_flight(n, _reduce_bucket(s), reduce_bytes)
+    largest_layer_item = max(math.prod(shape) for shape in shapes.values()) if shapes else 0
     # The update of one item at a time: AdamW's one temporary (sqrt, then divided and
     # shifted in place), plus with bf16 weights not pure_bf16 the fp32 copy of the weights
     # (without a master); GaLore: the full-size update projected back, and at a projector
@@ -565,17 +588,30 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
         if matrices:
             workspace = max(workspace, max(_galore_workspace(m, galore_rank, w != FP32 and not master, state_bytes)
                                            for m in matrices))
+    if accumulator_bytes != FP32 and not pure:  # _update's fp32 copy of the item's bf16 gradient
+        workspace += FP32 * numel
     if stage == 3:
         workspace += 3 * w * max(math.prod(shape) for shape in shapes.values()) if shapes else 0
     est.step_workspace = workspace
-    acts, which = _activations(s, micro, block, w, checkpointing, trainable_layers=active,
-                               lm_head_trained=not freeze_embeddings)
-    est.activations = acts
+    # Three moments of backward (as _lomo): the loss' (the final norm's and logits' tensors,
+    # no parameter gradient yet), a layer's (its recompute and temporaries, one of its
+    # gradients) and lm_head's or the embeddings' gradient after the layers' activations.
+    held, loss_workspace, layer_phase = _activation_parts(s, micro, block, w, checkpointing, trainable_layers=active,
+                                                          lm_head_trained=not freeze_embeddings)
+    moments = [(loss_workspace, 0, "backward: loss backward (fp32 logits)"),
+               (layer_phase, w * largest_layer_item, "backward: layer backward"),
+               (0, w * max(always), "backward: lm_head/embedding gradient")]
+    extra_acts, fresh_gradient, which = max(moments, key=lambda m: (m[0] + m[1], m[0]))
+    est.activations = held + extra_acts
+    est.gradients = accumulated + fresh_gradient
     est.comm_buffers = _zero3_gathered(s, w, live) if stage == 3 and n > 1 else 0
     state = est.master_weights + est.optimizer_state
-    backward = est.weights + state + est.gradients + est.comm_buffers + acts
-    step = est.weights + state + FP32 * owned_numel[heaviest] + est.step_workspace
-    est.peak, est.peak_phase = max((backward, f"backward: {which}"), (step, "step"))
+    backward = est.weights + state + est.gradients + est.comm_buffers + est.activations
+    if in_backward:  # the updates, and their workspace, happen inside backward; the step holds nothing more
+        est.peak, est.peak_phase = backward + est.step_workspace, which + " + update"
+        return est
+    step = est.weights + state + accumulator_bytes * owned_numel[heaviest] + est.step_workspace
+    est.peak, est.peak_phase = max((backward, which), (step, "step"))
     return est
 
 

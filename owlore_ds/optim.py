@@ -30,7 +30,7 @@ def build_layerwise_optimizer(model: torch.nn.Module, cfg: TrainConfig, zero3: b
                               galore_settings=settings, master_weights=cfg.master_weights, zero3=zero3,
                               device=device, reduce_dtype=cfg.reduce_dtype,
                               bucket_bytes=bucket_elements * (4 if cfg.reduce_dtype == "fp32" else 2),
-                              **_adam_kwargs(cfg))
+                              update_in_backward=cfg.update_in_backward, **_adam_kwargs(cfg))
 
 
 def build_fused_optimizer(model: torch.nn.Module, cfg: TrainConfig, zero3: bool, device: torch.device,

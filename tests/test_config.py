@@ -47,6 +47,8 @@ def test_bad_yaml_names_the_file_and_key(tmp_path, text, message):
     (["--method", "sgd"], "--method must be one of"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),
     (["--max_steps", "x"], "argument --max_steps: invalid int value"),
+    (["--method", "owlore", "--update_in_backward"], "--update_in_backward with --max_grad_norm 1.0: clipping"),
+    (["--method", "lomo", "--update_in_backward", "--max_grad_norm", "0"], "applies to lisa, owlore and galore"),
 ])
 def test_bad_flags(argv, message):
     with pytest.raises(UserInputError, match=message):

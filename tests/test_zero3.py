@@ -130,8 +130,9 @@ def test_zero3_checkpoint_resumes_on_another_world_size(tmp_path, four_layers, t
 
 def test_zero3_memory_per_rank_follows_the_model(tmp_path, four_layers, task_data):
     """4 ranks, ZeRO-3: each holds 1/4 of the weights; gradients held between backward and step
-    are the owned share plus the buckets in flight (not every active tensor); optimizer bytes
-    flat over a run that visits every layer. Figures against owlore_ds/memory_model.py."""
+    are the owned share plus at most one reduce_bucket_size of gradients in flight (not every
+    active tensor); optimizer bytes flat over a run that visits every layer. Figures against
+    owlore_ds/memory_model.py."""
     from transformers import AutoConfig
 
     from owlore_ds.memory_model import layerwise_gradient_bytes, layerwise_weight_bytes
@@ -157,7 +158,7 @@ def test_zero3_memory_per_rank_follows_the_model(tmp_path, four_layers, task_dat
     owned, in_flight, every_active = layerwise_gradient_bytes(model_config, world_size=4, active_layers=1,
                                                               bucket_elements=bucket)
     print(f"weight bytes per rank {expected_weights} (replicated {replicated}); gradient bytes per step "
-          f"{[m['peak_gradient_bytes'] for m in metrics]}: owned share {owned} + buckets <= {in_flight}, "
+          f"{[m['peak_gradient_bytes'] for m in metrics]}: owned share {owned} + one bucket budget <= {in_flight}, "
           f"every active tensor {every_active}")
     for m in metrics:
         assert owned <= m["peak_gradient_bytes"] <= owned + in_flight, m

@@ -48,6 +48,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from owlore_ds import ds_config  # noqa: E402
 from owlore_ds.architectures import load_config  # noqa: E402
 from owlore_ds.config import MASTER_POLICIES  # noqa: E402
 from owlore_ds.cli import run_main  # noqa: E402
@@ -374,12 +375,6 @@ def deepspeed_config(args: argparse.Namespace) -> Path:
     return Path(args.deepspeed).resolve() if args.deepspeed else ROOT / "ds_configs" / f"zero{args.zero_stage}.json"
 
 
-def _live_parameters(args: argparse.Namespace) -> Optional[int]:
-    zero = json.loads(deepspeed_config(args).read_text()).get("zero_optimization", {})
-    live = zero.get("stage3_max_live_parameters")
-    return int(float(live)) if isinstance(live, (int, float)) else None
-
-
 def predict(method: str, settings: Settings) -> tuple[Optional[dict[str, int]], str]:
     """The memory model's figures for a run, or (None, why not)."""
     if method == "peer":
@@ -402,8 +397,9 @@ def predict(method: str, settings: Settings) -> tuple[Optional[dict[str, int]], 
         lora_target_modules=settings.lora_target_modules, offload=False)
     if "device" in inspect.signature(estimate).parameters:  # CPU and GPU differ in temporaries and overhead
         kwargs["device"] = "cpu" if get_accelerator().device_name() == "cpu" else "cuda"
-    if _live_parameters(args) is not None:
-        kwargs["zero3_max_live_parameters"] = _live_parameters(args)
+    live = ds_config.max_live_parameters(ds_config.read(str(deepspeed_config(args))))
+    if live is not None:
+        kwargs["zero3_max_live_parameters"] = live
     try:
         result = estimate(settings.config, method, **kwargs)
         return {"peak_memory_bytes": int(result.peak), "optimizer_state_bytes": int(result.optimizer_state_bytes)}, ""

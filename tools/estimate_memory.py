@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from owlore_ds import ds_config  # noqa: E402
 from owlore_ds.architectures import load_config  # noqa: E402
 from owlore_ds.cli import run_main  # noqa: E402
 from owlore_ds.errors import UserInputError  # noqa: E402
@@ -34,10 +35,15 @@ def main() -> None:
     parser.add_argument("--num_layers", type=int, default=None, help="cut the depth, every layer keeps its shape")
     parser.add_argument("--method", default="all", help=f"one of {', '.join(METHODS)}, or all")
     parser.add_argument("--world_size", type=int, default=1)
-    parser.add_argument("--zero_stage", type=int, default=2)
+    parser.add_argument("--zero_stage", type=int, default=None, help="default 2, or the --deepspeed config's")
+    parser.add_argument("--deepspeed", help="a DeepSpeed config: its stage (unless --zero_stage is given) and "
+                                            "stage3_max_live_parameters go to the model")
     parser.add_argument("--precision", default="bf16", help="bf16 or fp32")
     parser.add_argument("--fp32", action="store_true", help="same as --precision fp32")
     parser.add_argument("--micro_batch_size", type=int, default=1)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--update_in_backward", type=_bool, nargs="?", const=True, default=False,
+                        help="lisa/owlore/galore: updates inside backward (needs --max_grad_norm 0 in training)")
     parser.add_argument("--block_size", type=int, default=512)
     parser.add_argument("--gradient_checkpointing", type=_bool, nargs="?", const=True, default=False)
     parser.add_argument("--lisa_activated_layers", type=int, default=2)
@@ -52,6 +58,12 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.model_config, args.num_layers)
+    live = None
+    if args.deepspeed:
+        ds = ds_config.read(args.deepspeed)
+        args.zero_stage = ds_config.zero_stage(ds) if args.zero_stage is None else args.zero_stage
+        live = ds_config.max_live_parameters(ds)
+    args.zero_stage = 2 if args.zero_stage is None else args.zero_stage
     if args.method != "all" and args.method not in METHODS:
         raise UserInputError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}, or all")
     methods = METHODS if args.method == "all" else (args.method,)
@@ -61,7 +73,11 @@ def main() -> None:
                   lisa_activated_layers=args.lisa_activated_layers, galore_rank=args.galore_rank,
                   master_weights=args.master_weights, freeze_embeddings=args.freeze_embeddings,
                   lora_r=args.lora_r, lora_target_modules=tuple(t for t in args.lora_target_modules.split(",") if t),
-                  offload=args.offload, device=args.device, reduce_dtype=args.reduce_dtype)
+                  offload=args.offload, device=args.device, reduce_dtype=args.reduce_dtype,
+                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                  update_in_backward=args.update_in_backward)
+    if live is not None:
+        kwargs["zero3_max_live_parameters"] = live
     estimates, skipped, errors = {}, [], []
     for method in methods:
         try:

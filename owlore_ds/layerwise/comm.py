@@ -4,9 +4,10 @@ Gradients: as backward produces each trained tensor's gradient (a post-accumulat
 hook), its items go into a bucket; a full bucket is reduced to the owners (one
 `reduce` per owner, asynchronous, so it overlaps the rest of backward) and the
 gradient is dropped on every rank at once. Owners accumulate their share in fp32 over
-micro-batches. At most one bucket is in flight while the next fills, so a rank holds
-its owned share plus two buckets, never every active gradient. `reduce` is what NCCL and gloo both
-have; DeepSpeed's ZeRO-2 reduces to partition owners the same way.
+micro-batches (a single micro-batch's gradient is kept as it came). The bucket budget (`reduce_bucket_size`) is split in two halves: one is
+reduced while the other fills, so a rank holds its owned share plus one budget's worth of
+gradients, never every active gradient. `reduce` is what NCCL and gloo both have;
+DeepSpeed's ZeRO-2 reduces to partition owners the same way.
 
 Weights: with replicated weights (stage 0) the owner updates its copy and broadcasts
 the item. Under ZeRO-3 a rank holds only its partition of each weight (`ds_tensor`):
@@ -18,7 +19,7 @@ rank (`ds_persist`, the small norms) have their whole copy updated like replicat
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -39,26 +40,34 @@ def _bytes(t: torch.Tensor) -> int:
 class GradientReducer:
     """Bucketed reduction of item gradients to their owners, accumulated in fp32 there.
 
-    A bucket holds at most `bucket_bytes`: a gradient larger than what is left of it is cut
-    into pieces (reduced to the same owner), so a rank never holds more than two buckets
-    (one filling, one in flight) besides its owned share, whatever the size of a matrix.
+    A bucket holds at most half of `bucket_bytes`: a gradient larger than what is left of it is
+    cut into pieces (reduced to the same owner). One half fills while the other is in flight,
+    and a bucket's copy for its reduction exists only once the previous one has completed, so
+    besides its owned share a rank never holds more than `bucket_bytes` of gradients, whatever
+    the size of a matrix.
     """
 
     def __init__(self, rank: int, world: int, reduce_dtype: torch.dtype, bucket_bytes: int):
         self.rank, self.world = rank, world
         self.reduce_dtype = reduce_dtype
-        self.bucket_elements = max(1, bucket_bytes // torch.empty((), dtype=reduce_dtype).element_size())
+        element = torch.empty((), dtype=reduce_dtype).element_size()
+        self.bucket_elements = max(1, bucket_bytes // element // 2)
         self.accumulated: dict[str, torch.Tensor] = {}  # key of an owned item -> fp32 gradient sum
         self._bucket: list[tuple[Item, int, torch.Tensor]] = []  # (item, offset in the item, piece)
         self._bucket_fill = 0
         self._pending: list[tuple[int, list[tuple[Item, int, int]], torch.Tensor, object]] = []
         self._held = {"accumulated": 0, "bucket": 0, "pending": 0}
         self.peak_held_bytes = 0  # high-water mark of gradient bytes this object held
+        # Called with the items whose every element has been reduced in this backward, on
+        # every rank at the same point of it (bucket layouts are the same everywhere).
+        self.on_complete: Optional[Callable[[list[Item]], None]] = None
+        self._arrived: dict[str, int] = {}  # item key -> elements reduced in this backward
 
     def add(self, item: Item, grad: torch.Tensor) -> None:
         """Takes `grad`, the flat gradient of `item` on this rank (a view the caller drops)."""
         if self.world == 1:
             self._accumulate(item, 0, grad)
+            self._arrive([(item, 0, grad.numel())])
             return
         offset = 0
         while offset < grad.numel():
@@ -79,9 +88,11 @@ class GradientReducer:
         if self._bucket:
             self._launch()
         self._complete()
+        self._arrived = {}
 
     def take(self, item: Item, device: torch.device) -> torch.Tensor:
-        """The owner's summed gradient of `item` (zeros if no micro-batch produced one)."""
+        """The owner's summed gradient of `item` (zeros if no micro-batch produced one): fp32,
+        or the dtype of the one gradient that came when a single micro-batch made it."""
         grad = self.accumulated.pop(item.key, None)
         if grad is None:
             return torch.zeros(item.numel, dtype=torch.float32, device=device)
@@ -106,16 +117,22 @@ class GradientReducer:
             by_owner.setdefault(entry[0].owner, []).append(entry)
         for owner in sorted(by_owner):
             entries = by_owner[owner]
-            flat = entries[0][2] if len(entries) == 1 else torch.cat([piece for _, _, piece in entries])
+            if len(entries) == 1:
+                flat = entries[0][2]
+            else:  # one message per owner: a copy beside the pieces until the bucket is dropped
+                flat = torch.cat([piece for _, _, piece in entries])
+                self._held["pending"] += _bytes(flat)
+                self._note_peak()
             handle = torch_dist.reduce(flat, dst=owner, op=torch_dist.ReduceOp.SUM, async_op=True)
             layout = [(item, offset, piece.numel()) for item, offset, piece in entries]
             self._pending.append((owner, layout, flat, handle))
-            self._held["pending"] += _bytes(flat)
         self._bucket, self._bucket_fill = [], 0
         self._held["bucket"] = 0
+        self._held["pending"] = sum(_bytes(flat) for _, _, flat, _ in self._pending)
         self._note_peak()
 
     def _complete(self) -> None:
+        done = []
         for owner, layout, flat, handle in self._pending:
             handle.wait()
             if owner == self.rank:
@@ -123,22 +140,40 @@ class GradientReducer:
                 for item, offset, length in layout:
                     self._accumulate(item, offset, flat[position : position + length])
                     position += length
+            done += layout
         self._pending = []
         self._held["pending"] = 0
+        self._arrive(done)
+
+    def _arrive(self, pieces: list[tuple[Item, int, int]]) -> None:
+        complete = []
+        for item, _, length in pieces:
+            self._arrived[item.key] = self._arrived.get(item.key, 0) + length
+            if self._arrived[item.key] == item.numel:
+                complete.append(item)
+        if complete and self.on_complete is not None:
+            self.on_complete(complete)
 
     def _accumulate(self, item: Item, offset: int, grad: torch.Tensor) -> None:
         total = self.accumulated.get(item.key)
         if total is None:
-            if offset == 0 and grad.numel() == item.numel and grad.dtype == torch.float32 and _owns_storage(grad):
-                total = grad  # the gradient itself, nobody else holds it
+            if offset == 0 and grad.numel() == item.numel and _owns_storage(grad):
+                # The gradient itself, which nobody else holds, in the dtype it came in: one
+                # micro-batch needs no fp32 copy (a bf16 model on one rank keeps bf16 gradients).
+                total = grad
             else:
                 total = torch.zeros(item.numel, dtype=torch.float32, device=grad.device)
                 total[offset : offset + grad.numel()].copy_(grad)
             self.accumulated[item.key] = total
             self._held["accumulated"] += _bytes(total)
             self._note_peak()
-        else:
-            total[offset : offset + grad.numel()].add_(grad)
+            return
+        if total.dtype != torch.float32:  # a second micro-batch: the sum is kept in fp32
+            widened = total.float()
+            self._held["accumulated"] += _bytes(widened) - _bytes(total)
+            total = self.accumulated[item.key] = widened
+            self._note_peak()
+        total[offset : offset + grad.numel()].add_(grad)
 
 
 # ---------------------------------------------------------------------- weights

@@ -18,6 +18,11 @@ does nothing (stage 0); this optimizer owns the rest:
 Only owners hold state (fp32 master when the weights are not fp32, Adam moments, GaLore
 projector), and only for items of active layers: when a layer leaves the active set its
 state is freed, or kept on the CPU with `inactive_state="offload"`.
+
+With `update_in_backward` (no clipping) an item is updated, and its gradient freed, as soon
+as its reduction is complete in the last micro-batch's backward, as GaLore 2 and LOMO do:
+the owned share of the gradients then never exists at once. The updates are the same as
+at `step()` (the same rules, gradients and order per item), so the weights are too.
 """
 
 from __future__ import annotations
@@ -68,11 +73,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                  weight_decay: float, max_grad_norm: float, inactive_state: str = "free",
                  galore_settings: Optional[GaloreSettings] = None, master_weights: str = "fp32",
                  zero3: bool = False, device: Optional[torch.device] = None, reduce_dtype: str = "fp32",
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, update_in_backward: bool = False):
         if inactive_state not in INACTIVE_POLICIES:
             raise ValueError(f"inactive_state must be one of {INACTIVE_POLICIES}, got {inactive_state!r}")
         if master_weights not in MASTER_POLICIES:
             raise ValueError(f"master_weights must be one of {MASTER_POLICIES}, got {master_weights!r}")
+        if update_in_backward and max_grad_norm > 0:
+            raise ValueError("update_in_backward needs max_grad_norm 0: clipping needs every gradient first")
         params = [p for layer in layers for _, p in layer] + [p for _, p in always]
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.layers = layers
@@ -84,6 +91,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.device = device or params[0].device
         self.rank, self.world = _world()
         self.reducer = comm.GradientReducer(self.rank, self.world, comm.REDUCE_DTYPES[reduce_dtype], bucket_bytes)
+        self.update_in_backward = update_in_backward
+        self.final_micro_batch = True  # set by the caller before each backward
+        self._updated: set[str] = set()  # items already updated in this step's backward
+        self._backward_squares = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if update_in_backward:
+            self.reducer.on_complete = self._update_completed
         self.active: list[int] = []
         self.owners: dict[str, int] = {}  # layer tensor name -> owning rank (sticky while it stays active)
         self.parked: dict[str, int] = {}  # inactive tensor name -> rank holding its offloaded state
@@ -171,12 +184,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         state = self.item_state.get(item.key)
         return item.owner == self.rank and (state is None or "master" not in state)
 
-    def _clip_and_plan(self, items: list[Item], grads: dict[str, torch.Tensor]) -> tuple[float, list[bool]]:
+    def _clip_and_plan(self, items: list[Item], grads: dict[str, torch.Tensor],
+                       squares: Optional[torch.Tensor] = None) -> tuple[float, list[bool]]:
         """(clip coefficient, per item whether its owner gathers the matrix), from one all-reduce
-        of [squared norm, gather flags] and the step's one host sync."""
+        of [squared norm, gather flags] and the step's one host sync. `squares`: of gradients
+        already applied in backward, which count in the norm."""
         flags = torch.tensor([float(self.zero3 and self._needs_current_weights(item)) for item in items],
                              dtype=torch.float64, device=self.device)
-        squares = torch.zeros(1, dtype=torch.float64, device=self.device)
+        squares = torch.zeros(1, dtype=torch.float64, device=self.device) if squares is None else squares.clone()
         for grad in grads.values():
             squares += squared_norm(grad)
         reduced = torch.cat([squares, flags])
@@ -208,6 +223,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             weight = state.get("master")
             if weight is None:  # without a master copy, bf16 weights are updated in fp32 and rounded back
                 weight = weights if weights.dtype == torch.float32 else weights.float()
+            grad = grad.float()  # a single micro-batch's bf16 gradient: one item's fp32 copy at a time
         if coefficient != 1.0:
             grad = grad.mul_(coefficient)
         if item.low_rank:
@@ -232,20 +248,53 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return 0
         return (item.position * settings.update_proj_gap) // len(self.layers[0])
 
-    @torch.no_grad()
-    def step(self, closure=None) -> None:
+    def _apply(self, items: list[Item], grads: dict[str, torch.Tensor], coefficient: float,
+               gather: list[bool]) -> None:
+        """Updates `items` (a collective: every rank calls it with the same items, in order)."""
         group = self.param_groups[0]
-        items = self.items()
-        self.reducer.finish()
-        grads = {item.key: self.reducer.take(item, self.device) for item in items if item.owner == self.rank}
-        coefficient, gather = self._clip_and_plan(items, grads)
-        if not math.isfinite(self.global_grad_norm):  # the same value on every rank: all stop together
-            raise RuntimeError(f"the gradient norm is {self.global_grad_norm}; stopping before the weights take it")
         for item, gather_item in zip(items, gather):
             weights = comm.read_weights(item, self.zero3, self.rank, self.device, gather_item)
             if item.owner == self.rank:
                 weights = self._update(item, weights, grads.pop(item.key), coefficient, group)
             comm.write_weights(item, weights, self.zero3, self.rank, self.device)
+
+    @torch.no_grad()
+    def _update_completed(self, completed: list[Item]) -> None:
+        """The reducer's callback in backward: updates the items whose gradient is complete.
+        Each rank's squared norms and gather flags go through one small all-reduce, so a
+        non-finite gradient stops every rank before any weight takes it."""
+        if not self.final_micro_batch:
+            return
+        order = {item.key: i for i, item in enumerate(self.items())}
+        items = sorted(completed, key=lambda item: order[item.key])
+        grads = {item.key: self.reducer.take(item, self.device) for item in items if item.owner == self.rank}
+        squares = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for grad in grads.values():
+            squares += squared_norm(grad)
+        flags = torch.tensor([float(self.zero3 and self._needs_current_weights(item)) for item in items],
+                             dtype=torch.float64, device=self.device)
+        reduced = torch.cat([squares, flags])
+        if self.world > 1:
+            torch_dist.all_reduce(reduced)
+        if not torch.isfinite(reduced[0]):  # one host sync per completed bucket
+            raise RuntimeError(f"a gradient norm is {reduced[0].item()}; stopping before the weights take it")
+        self._backward_squares += squares
+        self._apply(items, grads, 1.0, (reduced[1:] > 0).tolist())
+        self._updated.update(item.key for item in items)
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        self.reducer.finish()
+        # Items updated in backward are done; the rest (every item by default, and with
+        # update_in_backward those that got no gradient) are updated here.
+        items = [item for item in self.items() if item.key not in self._updated]
+        grads = {item.key: self.reducer.take(item, self.device) for item in items if item.owner == self.rank}
+        coefficient, gather = self._clip_and_plan(items, grads, self._backward_squares)
+        self._updated.clear()
+        self._backward_squares.zero_()
+        if not math.isfinite(self.global_grad_norm):  # the same value on every rank: all stop together
+            raise RuntimeError(f"the gradient norm is {self.global_grad_norm}; stopping before the weights take it")
+        self._apply(items, grads, coefficient, gather)
 
     # ------------------------------------------------------------------ memory and checkpoints
 

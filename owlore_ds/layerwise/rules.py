@@ -11,15 +11,22 @@ import torch
 _NORM_ROW = 1 << 16
 
 
+_NORM_SLAB = 1 << 24  # elements upcast at once for a bf16 gradient's norm (64 MiB of fp32)
+
+
 def squared_norm(grad: torch.Tensor) -> torch.Tensor:
-    """The float64 sum of squares of `grad`, from norms of 64K-element rows (each accumulated
-    in fp32 by torch, in the gradient's dtype): within ~1e-5 of an exact sum, where one
-    norm over a 131M-element bf16 or fp32 tensor is off by 1%, and with no fp32/fp64 copy."""
+    """The float64 sum of squares of `grad`, from fp32 norms of 64K-element rows: within ~1e-5
+    of an exact sum, where one norm over a 131M-element bf16 or fp32 tensor is off by 1%. A
+    bf16 gradient's rows are upcast a slab at a time (a bf16 result would round each norm to
+    3 digits), so no full-size fp32 or fp64 copy is made."""
     flat = grad.reshape(-1)
     whole = flat.numel() - flat.numel() % _NORM_ROW
-    rows = torch.linalg.vector_norm(flat[:whole].view(-1, _NORM_ROW), dim=1).double()
-    rest = torch.linalg.vector_norm(flat[whole:]).double()
-    return rows.pow(2).sum() + rest.pow(2)
+    total = torch.linalg.vector_norm(flat[whole:], dtype=torch.float32).double().pow(2)
+    slab = _NORM_SLAB if flat.dtype != torch.float32 else max(whole, 1)
+    for start in range(0, whole, slab):
+        rows = flat[start : min(start + slab, whole)].view(-1, _NORM_ROW)
+        total = total + torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).double().pow(2).sum()
+    return total
 
 
 def adamw_step(weight: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

@@ -39,8 +39,11 @@ class LayerwiseMethod(OwnWeightsMethod):
     def begin_step(self, step: int) -> None:
         self.active_layers.before_step(step)
         self.optimizer.reducer.reset_peak()
+        self._micro_batches = 0
 
     def micro_step(self, batch: dict[str, torch.Tensor], targets: int) -> torch.Tensor:
+        self._micro_batches += 1
+        self.optimizer.final_micro_batch = self._micro_batches == self.cfg.gradient_accumulation_steps
         loss = self.loss_sum(self.engine.module, batch)
         (loss / targets).backward()
         self.optimizer.finish_backward()
