@@ -31,6 +31,8 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 # in fp32 and rounded back, fp32 moments); pure_bf16 (weights, moments and projectors in
 # bf16, updated in bf16 as torch AdamW and galore-torch do on a bf16 model: the reference).
 MASTER_POLICIES = ("fp32", "none", "pure_bf16")
+OWL_THRESHOLD_M = 5.0  # --owl_threshold_m and --owl_nsamples when not given
+OWL_NSAMPLES = 128
 
 
 @dataclass
@@ -85,8 +87,12 @@ class TrainConfig:
         "help": f"one of {', '.join(PROB_MODES)}; default uniform for lisa, owl for owlore"})
     outlier_ratios: Optional[str] = field(default=None, metadata={
         "help": "OWL ratio file from tools/compute_outliers.py; computed and cached in OUT if absent"})
-    owl_threshold_m: float = field(default=5.0, metadata={"help": "outlier threshold M (times the layer mean)"})
-    owl_nsamples: int = field(default=128, metadata={"help": "calibration windows for outlier ratios"})
+    # None: not given. Computed ratios then use the defaults below, and a given --outlier_ratios
+    # file is checked only against the settings the user gave.
+    owl_threshold_m: Optional[float] = field(default=None, metadata={
+        "help": "outlier threshold M (times the layer mean; default 5)"})
+    owl_nsamples: Optional[int] = field(default=None, metadata={
+        "help": "calibration windows for outlier ratios (default 128)"})
     owl_seqlen: Optional[int] = field(default=None, metadata={"help": "calibration window length (default block_size)"})
     freeze_embeddings: bool = field(default=False, metadata={"help": "do not train embeddings and lm_head"})
     inactive_state: str = field(default="free", metadata={
@@ -167,10 +173,14 @@ class TrainConfig:
         _check_choice("galore_svd_signs", self.galore_svd_signs, ("canonical", "lapack"))
         _check_choice("master_weights", self.master_weights, MASTER_POLICIES)
         _check_choice("reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
-        for name in ("lisa_activated_layers", "lisa_interval_steps", "owl_nsamples", "galore_rank",
-                     "galore_update_proj_gap"):
+        for name in ("lisa_activated_layers", "lisa_interval_steps", "galore_rank", "galore_update_proj_gap"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("owl_nsamples", "owl_seqlen"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserInputError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.owl_threshold_m is not None and not self.owl_threshold_m > 0:
+            raise UserInputError(f"--owl_threshold_m must be > 0, got {self.owl_threshold_m}")
         if self.outlier_ratios is not None and not os.path.isfile(self.outlier_ratios):
             raise UserInputError(f"--outlier_ratios {self.outlier_ratios}: file not found")
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
@@ -208,6 +218,12 @@ class TrainConfig:
             raise UserInputError(f"--save_total_limit must be at least 1, got {self.save_total_limit}")
         if self.overwrite_output_dir and self.resume_from_checkpoint not in (None, "auto"):
             raise UserInputError("--overwrite_output_dir contradicts --resume_from_checkpoint PATH; give one")
+
+    def owl_settings(self) -> dict[str, Any]:
+        """The settings computed OWL ratios use: threshold_m, nsamples, seqlen."""
+        return {"threshold_m": OWL_THRESHOLD_M if self.owl_threshold_m is None else float(self.owl_threshold_m),
+                "nsamples": OWL_NSAMPLES if self.owl_nsamples is None else self.owl_nsamples,
+                "seqlen": self.owl_seqlen or self.block_size}
 
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.max_steps > 0:

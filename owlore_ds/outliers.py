@@ -10,7 +10,9 @@ A = |W| * sqrt(s)[None, :], and the layer's outlier ratio is
 with A concatenated over all linears of the layer (one threshold per layer).
 
 Ratios are cached as JSON together with a fingerprint of the model, so a file
-made for another model (even one with the same shape) is refused on load.
+made for another model (even one with the same shape) is refused on load, and with
+the settings that made them (M, the number and length of the calibration windows and a
+hash of the windows' tokens), so a file made with other settings is not taken for them.
 """
 
 import contextlib
@@ -303,6 +305,18 @@ def _hash_rows(h: Any, w: torch.Tensor) -> None:
     h.update(rows.to("cpu", torch.bfloat16).float().contiguous().numpy().tobytes())
 
 
+# What a ratio file records about how it was made, besides the model's fingerprint.
+SETTINGS = ("threshold_m", "nsamples", "seqlen", "calibration_sha256")
+
+
+def calibration_sha256(windows: torch.Tensor) -> str:
+    """A short hash of the calibration windows' tokens (their shape included): the identity of
+    the calibration data, window choice and seed. Cheap (nsamples x seqlen token ids)."""
+    h = hashlib.sha256(str(tuple(windows.shape)).encode())
+    h.update(windows.to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_ratios(
     path: str | os.PathLike,
     ratios: list[float],
@@ -310,6 +324,7 @@ def save_ratios(
     threshold_m: float,
     nsamples: int,
     seqlen: int,
+    calibration_sha256: Optional[str] = None,
 ) -> None:
     """Writes the ratio file atomically (a crashed or concurrent writer never leaves half a file)."""
     if len(ratios) != fingerprint.get("num_layers"):
@@ -321,6 +336,8 @@ def save_ratios(
         "seqlen": int(seqlen),
         "fingerprint": fingerprint,
     }
+    if calibration_sha256 is not None:
+        data["calibration_sha256"] = str(calibration_sha256)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -339,8 +356,11 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def load_ratios(path: str | os.PathLike, model: nn.Module, gathered: Gathered = _whole) -> list[float]:
-    """Reads a ratio file and checks it was made for `model`; ValueError naming the file otherwise."""
+def read_ratio_file(path: str | os.PathLike) -> dict:
+    """The parsed ratio file, its form checked; ValueError naming the file otherwise.
+
+    `ratios` and `fingerprint` are required; the settings (SETTINGS) may be absent (a file
+    written by hand or by an earlier version), but when present they must be well-formed."""
     path = os.fspath(path)
     try:
         with open(path) as f:
@@ -349,7 +369,7 @@ def load_ratios(path: str | os.PathLike, model: nn.Module, gathered: Gathered = 
         raise ValueError(f"outlier ratio file {path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"outlier ratio file {path}: expected a JSON object")
-    missing = [k for k in ("ratios", "threshold_m", "nsamples", "seqlen", "fingerprint") if k not in data]
+    missing = [k for k in ("ratios", "fingerprint") if k not in data]
     if missing:
         raise ValueError(f"outlier ratio file {path}: missing keys {missing}")
     ratios = data["ratios"]
@@ -357,17 +377,53 @@ def load_ratios(path: str | os.PathLike, model: nn.Module, gathered: Gathered = 
         raise ValueError(f"outlier ratio file {path}: 'ratios' must be a list of percentages in [0, 100]")
     if not isinstance(data["fingerprint"], dict):
         raise ValueError(f"outlier ratio file {path}: 'fingerprint' must be an object")
+    for key in ("threshold_m", "nsamples", "seqlen"):
+        if key in data and not (_is_number(data[key]) and data[key] > 0):
+            raise ValueError(f"outlier ratio file {path}: '{key}' must be a positive number, got {data[key]!r}")
+    if "calibration_sha256" in data and not isinstance(data["calibration_sha256"], str):
+        raise ValueError(f"outlier ratio file {path}: 'calibration_sha256' must be a string")
+    return data
 
-    expected = model_fingerprint(model, gathered)
-    if len(ratios) != expected["num_layers"]:
-        raise ValueError(
-            f"outlier ratio file {path}: has {len(ratios)} layer ratios but the model has {expected['num_layers']} layers"
-        )
+
+def model_difference(data: dict, fingerprint: dict) -> Optional[str]:
+    """Why the parsed ratio file `data` is not for the model of `fingerprint`, or None."""
+    if len(data["ratios"]) != fingerprint["num_layers"]:
+        return f"has {len(data['ratios'])} layer ratios but the model has {fingerprint['num_layers']} layers"
     found = data["fingerprint"]
-    diff = [f"{k} file={found.get(k)!r} model={v!r}" for k, v in expected.items() if found.get(k) != v]
+    diff = [f"{k} file={found.get(k)!r} model={v!r}" for k, v in fingerprint.items() if found.get(k) != v]
     if diff:
-        raise ValueError(
-            f"outlier ratio file {path}: made for a different model (fingerprint mismatch: {'; '.join(diff)}); "
-            "recompute the ratios for this model"
-        )
-    return [float(r) for r in ratios]
+        return f"made for a different model (fingerprint mismatch: {'; '.join(diff)})"
+    return None
+
+
+def settings_difference(data: dict, settings: dict, absent_ok: bool) -> Optional[tuple[str, Any, Any]]:
+    """The first of `settings` (key -> this run's value) that the parsed ratio file `data`
+    records differently, as (key, file's value, run's value), or None. A setting the file does
+    not record counts as equal when `absent_ok` (a user's file may omit them) and as different
+    otherwise (a cache must prove what it was made from)."""
+    for key, value in settings.items():
+        if key not in data:
+            if absent_ok:
+                continue
+            return key, None, value
+        recorded = data[key]
+        same = float(recorded) == float(value) if key != "calibration_sha256" else recorded == value
+        if not same:
+            return key, recorded, value
+    return None
+
+
+def load_ratios(path: str | os.PathLike, model: nn.Module, gathered: Gathered = _whole,
+                settings: Optional[dict] = None) -> list[float]:
+    """Reads a ratio file and checks it was made for `model` and, for each of `settings` the
+    file records, with that value; ValueError naming the file (and the field) otherwise."""
+    path = os.fspath(path)
+    data = read_ratio_file(path)
+    difference = model_difference(data, model_fingerprint(model, gathered))
+    if difference:
+        raise ValueError(f"outlier ratio file {path}: {difference}; recompute the ratios for this model")
+    mismatch = settings_difference(data, settings or {}, absent_ok=True)
+    if mismatch:
+        key, recorded, value = mismatch
+        raise ValueError(f"outlier ratio file {path}: made with {key} {recorded!r}, this run asks for {value!r}")
+    return [float(r) for r in data["ratios"]]

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,17 @@ def test_slurm_variables_map_to_torch_ones():
     assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("1", "2", "127.0.0.1")
     with pytest.raises(UserInputError, match="MASTER_ADDR"):
         map_launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def test_mpich_variables_of_a_two_host_job_map_to_torch_ones():
+    """What MPICH's hydra sets for rank 2 of `mpirun -np 4 -hosts a:2,b:2` (the first rank of the
+    second host): RANK follows PMI_RANK, LOCAL_RANK MPI_LOCALRANKID; several hosts need MASTER_ADDR."""
+    env = {"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2",
+           "MASTER_ADDR": "a", "MASTER_PORT": "1234"}
+    map_launcher_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("2", "4", "0", "a")
+    with pytest.raises(UserInputError, match="MASTER_ADDR"):
+        map_launcher_env({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"})
 
 
 def _run_slurm_tasks(args: list[str], ntasks: int, timeout: int = 300) -> list[subprocess.CompletedProcess]:
@@ -315,24 +327,63 @@ def test_convert_overwrite_replaces_only_an_earlier_export(tmp_path, tiny_llama,
     assert_same_weights(final_weights(out), load_file(str(earlier / "model.safetensors")), atol=0)
 
 
-@pytest.mark.parametrize("launcher,method", [("torchrun", "full"), ("torchrun", "owlore"), ("deepspeed", "full")])
-def test_two_nodes_equal_one_node(tmp_path, make_tiny_model, task_data, launcher, method):
-    """Two "nodes" of one rank each (two launchers on this machine, rank 0's at 127.0.0.1; on
-    node 1 RANK is 1 and LOCAL_RANK 0) train exactly as one node of two ranks."""
-    model = make_tiny_model("llama", num_layers=4)
-    extra = dict(deepspeed=ZERO2, max_steps=4, per_device_train_batch_size=2)
+def _node_args(method: str) -> dict:
+    """Global batch 4: 1 example per rank on 4 ranks, fp32."""
+    extra = dict(deepspeed=ZERO2, max_steps=4, per_device_train_batch_size=1)
     if method == "owlore":
         extra.update(method="owlore", lisa_activated_layers=2, lisa_interval_steps=2, owl_nsamples=4,
                      galore_rank=8, galore_update_proj_gap=3, galore_scale=0.5)
-    one_node, two_nodes = tmp_path / "one_node", tmp_path / "two_nodes"
-    run_training(common_args(model, task_data, one_node, **extra), nproc=2)
-    port, hostfile = free_port(), tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    # Each node has a cache folder of its own: node-local work (tokenizing) must follow LOCAL_RANK.
-    launchers = [subprocess.Popen(
-        launch_command(launcher, 1, port, common_args(model, task_data, two_nodes, **{**extra, "cache_dir": tmp_path / f"cache{node}"}),
-                       nodes=(2, node), hostfile=hostfile),
-        env=base_env(port), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    return extra
+
+
+@pytest.fixture(scope="module")
+def one_node_run(tmp_path_factory, make_tiny_model, task_data):
+    """The one-node, 4-rank run of a method (run once per module, shared by the launchers)."""
+    model = make_tiny_model("llama", num_layers=4)
+    runs: dict[str, object] = {}
+
+    def get(method: str):
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"one-node-{method}") / "out"
+            run_training(common_args(model, task_data, out, **_node_args(method)), nproc=4)
+            runs[method] = out
+        return model, runs[method]
+
+    return get
+
+
+def _two_node_commands(launcher: str, args: list[str], port: int, tmp_path) -> list[list[str]]:
+    """The commands of a 4-rank job as two "nodes" of two ranks on this machine, rank 0's node at
+    127.0.0.1; each node tokenizes into a cache folder of its own (`cache0`, `cache1`), so
+    node-local work must follow LOCAL_RANK (RANK 2 is LOCAL_RANK 0 of node 1)."""
+    if launcher == "mpirun":
+        # One mpirun: hydra takes 127.0.0.1 and localhost for two hosts of 2 slots each
+        # (PMI_RANK 2 and 3 get MPI_LOCALRANKID 0 and 1); rank 0's host is exported to all.
+        # The node's cache folder is chosen per process from its rank (2 ranks per node).
+        wrapper = ["sh", "-c", f'exec "$@" --cache_dir {tmp_path}/cache$((PMI_RANK / 2))', "node"]
+        return [[str(Path(sys.executable).parent / "mpirun"), "-np", "4", "-hosts", "127.0.0.1:2,localhost:2",
+                 "-genv", "MASTER_ADDR", "127.0.0.1", "-genv", "MASTER_PORT", str(port), *wrapper,
+                 sys.executable, str(ROOT / "launch" / "train.py"), *args]]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n127.0.0.1 slots=2\n")
+    return [launch_command(launcher, 2, port, args + ["--cache_dir", str(tmp_path / f"cache{node}")], nodes=(2, node),
+                           hostfile=hostfile) for node in (0, 1)]
+
+
+@pytest.mark.parametrize("method", ["full", "owlore"])
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "mpirun"])
+def test_two_nodes_equal_one_node(tmp_path, one_node_run, task_data, launcher, method):
+    """Two "nodes" of two ranks each (torchrun and the deepspeed launcher: one launcher per node;
+    mpirun: one job over two host names) train as one node of four ranks with the same global
+    batch. On node 1 RANK is 2 and 3 and LOCAL_RANK 0 and 1: node-local work (tokenizing into
+    the node's cache) follows LOCAL_RANK, run-wide work (metrics, checkpoints' metadata, the
+    export) RANK 0 alone."""
+    model, one_node = one_node_run(method)
+    two_nodes, port = tmp_path / "two_nodes", free_port()
+    args = common_args(model, task_data, two_nodes, **{**_node_args(method), "cache_dir": None})
+    launchers = [subprocess.Popen(command, env=base_env(port), cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+                 for command in _two_node_commands(launcher, args, port, tmp_path)]
     try:
         outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
     finally:
@@ -340,12 +391,21 @@ def test_two_nodes_equal_one_node(tmp_path, make_tiny_model, task_data, launcher
             launcher.kill()
             launcher.wait()
         remove_shm_buffers(port)
-    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert [launcher.returncode for launcher in launchers] == [0] * len(launchers), \
+        "".join(output[-3000:] for output in outputs)
     import json
 
-    assert json.loads((two_nodes / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 2
+    assert json.loads((two_nodes / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 4
+    # Each node's LOCAL_RANK 0 tokenized into the node's cache (RANK 0 and RANK 2).
     assert all(list((tmp_path / f"cache{node}" / "tokenized").glob("*.pt")) for node in (0, 1))
-    assert [m["loss"] for m in read_metrics(two_nodes)] == [m["loss"] for m in read_metrics(one_node)]
+    metrics = read_metrics(two_nodes)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # one writer: RANK 0, not every LOCAL_RANK 0
+    reference = read_metrics(one_node)
+    if method == "owlore":
+        assert [m["active_layers"] for m in metrics] == [m["active_layers"] for m in reference]
+        assert json.loads((two_nodes / "outlier_ratios.json").read_text()) == \
+            json.loads((one_node / "outlier_ratios.json").read_text())
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in reference]
     assert_same_weights(final_weights(one_node), final_weights(two_nodes), atol=0)
 
 

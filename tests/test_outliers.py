@@ -176,3 +176,27 @@ def test_bf16_model(ids):
     plant_outliers(model)
     ratios = compute_layer_outlier_ratios(model.to(torch.bfloat16), ids, M, batch_size=4)
     assert set(sorted(range(4), key=lambda i: -ratios[i])[:2]) == set(PLANTED)
+
+
+def test_settings_are_recorded_and_checked(tmp_path, ids):
+    from owlore_ds.outliers import calibration_sha256
+
+    model = build("llama")
+    path = tmp_path / "ratios.json"
+    digest = calibration_sha256(ids)
+    assert digest == calibration_sha256(ids.clone()) and len(digest) == 16
+    assert digest != calibration_sha256(ids[:, :-1]) and digest != calibration_sha256(ids.flip(0))
+    save_ratios(path, [1.0, 2.0, 3.0, 4.0], model_fingerprint(model), M, 8, 32, digest)
+    assert json.loads(path.read_text())["calibration_sha256"] == digest
+    same = dict(threshold_m=M, nsamples=8, seqlen=32, calibration_sha256=digest)
+    assert load_ratios(path, model, settings=same) == [1.0, 2.0, 3.0, 4.0]
+    for key, value in (("threshold_m", 3.0), ("nsamples", 4), ("seqlen", 64), ("calibration_sha256", "x")):
+        with pytest.raises(ValueError, match=f"made with {key} ") as err:
+            load_ratios(path, model, settings={**same, key: value})
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    # A file without settings (written by hand) passes any settings; malformed ones are refused.
+    path.write_text(json.dumps({"ratios": [1, 2, 3, 4], "fingerprint": model_fingerprint(model)}))
+    assert load_ratios(path, model, settings=same) == [1.0, 2.0, 3.0, 4.0]
+    path.write_text(json.dumps({"ratios": [1, 2, 3, 4], "fingerprint": model_fingerprint(model), "seqlen": "long"}))
+    with pytest.raises(ValueError, match="'seqlen' must be a positive number"):
+        load_ratios(path, model)

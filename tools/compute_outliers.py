@@ -5,8 +5,9 @@
 
 Scores one decoder layer at a time (one layer's activations in memory), on the GPU
 when there is one. The JSON holds the ratios (percent, one per layer), M, nsamples,
-seqlen and a fingerprint of the model; the trainer's --outlier_ratios refuses a file
-made for another model.
+seqlen, a hash of the calibration windows' tokens and a fingerprint of the model; the
+trainer's --outlier_ratios refuses a file made for another model, or with an M, nsamples
+or seqlen other than the --owl_threshold_m, --owl_nsamples or --owl_seqlen given with it.
 """
 
 import argparse
@@ -42,7 +43,7 @@ def main() -> None:
     from owlore_ds.data import calibration_windows, load_training_data
     from owlore_ds.errors import UserInputError
     from owlore_ds.modeling import check_block_size, load_model, load_tokenizer, read_model_config
-    from owlore_ds.outliers import compute_layer_outlier_ratios, model_fingerprint, save_ratios
+    from owlore_ds.outliers import calibration_sha256, compute_layer_outlier_ratios, model_fingerprint, save_ratios
 
     for name in ("nsamples", "seqlen", "batch_size"):
         if getattr(args, name) < 1:
@@ -56,7 +57,8 @@ def main() -> None:
     model = load_model(args.model_name_or_path, "bf16" if args.bf16 else "fp32", gradient_checkpointing=False)
     device = get_accelerator().current_device_name()
     ratios = compute_layer_outlier_ratios(model, windows, args.threshold_m, args.batch_size, device=device)
-    save_ratios(args.output, ratios, model_fingerprint(model), args.threshold_m, windows.shape[0], args.seqlen)
+    save_ratios(args.output, ratios, model_fingerprint(model), args.threshold_m, windows.shape[0], args.seqlen,
+                calibration_sha256(windows))
     print(" ".join(f"{r:.3f}" for r in ratios))
     print(f"wrote {args.output}")
 
