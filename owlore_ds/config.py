@@ -96,7 +96,8 @@ class TrainConfig:
     owl_seqlen: Optional[int] = field(default=None, metadata={"help": "calibration window length (default block_size)"})
     freeze_embeddings: bool = field(default=False, metadata={"help": "do not train embeddings and lm_head"})
     inactive_state: str = field(default="free", metadata={
-        "help": "state of layers that leave the active set: free or offload (kept on CPU)"})
+        "help": "state of layers that leave the active set: free, offload (kept on CPU) or projectors "
+                "(only GaLore's projectors kept on CPU, so a returning layer needs no new SVD)"})
     galore_spread_refreshes: bool = field(default=False, metadata={
         "help": "stagger the SVD refreshes of a layer's matrices over the gap (changes when each refreshes)"})
     master_weights: str = field(default="fp32", metadata={
@@ -167,7 +168,7 @@ class TrainConfig:
         _check_choice("method", self.method, METHODS)
         if self.lisa_prob_mode is not None:
             _check_choice("lisa_prob_mode", self.lisa_prob_mode, PROB_MODES)
-        _check_choice("inactive_state", self.inactive_state, ("free", "offload"))
+        _check_choice("inactive_state", self.inactive_state, ("free", "offload", "projectors"))
         _check_choice("galore_proj_type", self.galore_proj_type, ("std", "reverse_std", "left", "right"))
         _check_choice("galore_svd", self.galore_svd, ("exact", "randomized"))
         _check_choice("galore_svd_signs", self.galore_svd_signs, ("canonical", "lapack"))

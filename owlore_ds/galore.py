@@ -222,12 +222,16 @@ def galore_adamw_step(
     generator: torch.Generator | None = None,
     canonical_signs: bool = False,
     refresh_offset: int = 0,
-) -> None:
-    """One GaLore-AdamW step on ``param`` in place, as galore_torch.GaLoreAdamW 1.0.
+) -> bool:
+    """One GaLore-AdamW step on ``param`` in place, as galore_torch.GaLoreAdamW 1.0;
+    returns whether the projector was computed anew.
 
     ``state`` starts as ``{}`` and is filled lazily.  The projector is
-    refreshed when ``state["step"]`` (read before it is incremented, so on
-    calls 1, T+1, 2T+1, ...) is a multiple of ``update_proj_gap``.  If a
+    refreshed when the matrix's own step count (read before it is incremented,
+    so on calls 1, T+1, 2T+1, ...) is a multiple of ``update_proj_gap``.  That
+    count is ``state["lifetime_step"]``, which a state reduced to its projector
+    (a layer that left the active set and came back) keeps while ``step``, the
+    moments' bias-correction count, starts again; otherwise the two agree.  If a
     refresh fails and a projector exists, the old one is kept and a warning
     logged; if none exists, ``ProjectorError`` propagates with ``state`` and
     ``param`` untouched.  For ``svd="randomized"`` without a generator, the
@@ -238,11 +242,13 @@ def galore_adamw_step(
     # with an fp32 master ``param`` this keeps projector and moments in fp32.
     grad = grad.to(param.dtype)
     step = int(state.get("step", 0))
+    lifetime = int(state.get("lifetime_step", step))
 
     projector = state.get("projector")
+    refreshed = False
     # refresh_offset > 0 moves this matrix's refreshes to steps T-offset, 2T-offset, ...
     # so that not every matrix runs its SVD at the same step (galore-torch: offset 0).
-    if projector is None or (step + refresh_offset) % update_proj_gap == 0:
+    if projector is None or (lifetime + refresh_offset) % update_proj_gap == 0:
         if svd == "randomized" and generator is None:
             generator = torch.Generator().manual_seed(step)
         try:
@@ -256,7 +262,8 @@ def galore_adamw_step(
             )
         else:
             state["projector"] = projector
-            state["proj_step"] = step
+            state["proj_step"] = lifetime
+            refreshed = True
 
     low_rank = project(grad, projector, proj_type)
     if "exp_avg" not in state:
@@ -266,6 +273,7 @@ def galore_adamw_step(
 
     step += 1
     state["step"] = step
+    state["lifetime_step"] = lifetime + 1
 
     exp_avg.mul_(beta1).add_(low_rank, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(low_rank, low_rank, value=1.0 - beta2)
@@ -279,6 +287,7 @@ def galore_adamw_step(
     # Decoupled decay on the already updated weights, with the plain lr.
     if weight_decay > 0.0:
         param.add_(param, alpha=-lr * weight_decay)
+    return refreshed
 
 
 def state_bytes(state: dict) -> int:

@@ -93,3 +93,55 @@ def test_owners_receive_the_sum_over_ranks_and_micro_batches_holding_at_most_one
         peak = results[rank][1]
         assert owned_bytes[rank] <= peak <= owned_bytes[rank] + BUCKET_BYTES, (rank, peak, owned_bytes[rank])
         assert set(results[rank][0]) == {item.key for item in items if item.owner == rank}
+
+
+def _galore_optimizer(inactive_state: str):
+    from owlore_ds.layerwise import GaloreSettings, LayerwiseOptimizer
+
+    torch.manual_seed(0)
+    layers = [[(f"layers.{i}.w", torch.nn.Parameter(torch.randn(12, 8)))] for i in range(2)]
+    settings = GaloreSettings(rank=3, update_proj_gap=4, scale=0.5, proj_type="std")
+    optimizer = LayerwiseOptimizer(layers, [], lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                   max_grad_norm=0.0, inactive_state=inactive_state, galore_settings=settings)
+    return optimizer, [layer[0][1] for layer in layers]
+
+
+def _train_step(optimizer, params, layer: int, seed: int) -> None:
+    optimizer.set_active_layers([layer])
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(seed))
+    (params[layer] @ x).pow(2).sum().backward()
+    optimizer.finish_backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("inactive_state", ["free", "projectors"])
+def test_a_returning_layer_reuses_its_projector_only_with_the_projectors_policy(inactive_state):
+    """Layer 0, then 1, then 0 again. With "projectors" layer 0 comes back with the projector it
+    left with (kept on the CPU, nothing else), fresh moments and its own refresh schedule, so
+    no SVD; with "free" it starts from nothing and computes one."""
+    from owlore_ds import galore
+
+    optimizer, params = _galore_optimizer(inactive_state)
+    _train_step(optimizer, params, 0, seed=1)
+    _train_step(optimizer, params, 1, seed=2)
+    assert optimizer.projector_refreshes == 2
+    kept = optimizer.offloaded.get("layers.0.w")
+    if inactive_state == "projectors":
+        assert set(kept) == {"projector", "proj_step", "lifetime_step"} and kept["projector"].device.type == "cpu"
+    else:
+        assert kept is None
+
+    # The expected third step, from galore's rule on the state the policy says layer 0 returns with.
+    weight = params[0].detach().clone()
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(3))
+    w = weight.clone().requires_grad_(True)
+    (w @ x).pow(2).sum().backward()
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in kept.items()} if kept else {}
+    galore.galore_adamw_step(weight, w.grad, state, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                             rank=3, update_proj_gap=4, scale=0.5, proj_type="std", canonical_signs=True)
+
+    _train_step(optimizer, params, 0, seed=3)
+    assert optimizer.projector_refreshes == (2 if inactive_state == "projectors" else 3)
+    assert torch.equal(params[0].detach(), weight)
+    assert optimizer.item_state["layers.0.w"]["step"] == 1  # moments started again
+    assert optimizer.item_state["layers.0.w"]["lifetime_step"] == (2 if inactive_state == "projectors" else 1)

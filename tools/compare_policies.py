@@ -6,7 +6,7 @@
 
 Questions measured (every run identical except the policy flags):
 
-  (A) --inactive_state free vs offload   (fp32, --method owlore; lisa variants available)
+  (A) --inactive_state free vs offload vs projectors  (fp32, --method owlore; lisa variants available)
   (B) --master_weights fp32 vs none      (--bf16 --method owlore)
 
 Each variant x seed is trained with launch/train.py on the embedded model
@@ -40,6 +40,7 @@ VENV_BIN = ROOT / ".venv" / "bin"
 VARIANTS = {
     "owlore-fp32-free": ("A", ["--method", "owlore", "--inactive_state", "free"]),
     "owlore-fp32-offload": ("A", ["--method", "owlore", "--inactive_state", "offload"]),
+    "owlore-fp32-projectors": ("A", ["--method", "owlore", "--inactive_state", "projectors"]),
     "lisa-fp32-free": ("A", ["--method", "lisa", "--inactive_state", "free"]),
     "lisa-fp32-offload": ("A", ["--method", "lisa", "--inactive_state", "offload"]),
     "owlore-bf16-master-fp32": ("B", ["--method", "owlore", "--bf16", "--master_weights", "fp32"]),
@@ -129,6 +130,7 @@ def summarize_run(out: Path, last_k: int) -> dict:
         "offloaded_state_bytes": max(r.get("offloaded_state_bytes", 0) or 0 for r in rows),
         "peak_memory_bytes": max(r.get("peak_memory_bytes", 0) or 0 for r in rows),
         "step_time_s": statistics.median(r["step_time_s"] for r in rows),
+        "svds": sum(r.get("projector_refreshes", 0) or 0 for r in rows),  # largest rank's, per step
     }
 
 
@@ -175,8 +177,8 @@ def render(args, results: dict, commands: dict, device: str, started: str, argv:
         "(tools/score_task.py). Memory figures are the largest per-step values in metrics.jsonl "
         "(optimizer state on the training device, state parked on CPU, peak RSS of the largest rank).",
         "",
-        "| question | variant | runs | loss (last steps) | acc | choice acc | opt. state MiB | offloaded MiB | peak mem MiB | step s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| question | variant | runs | loss (last steps) | acc | choice acc | opt. state MiB | offloaded MiB | peak mem MiB | step s | SVDs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant in args.variants:
         runs = [results[f"{variant}/seed{s}"] for s in args.seeds if f"{variant}/seed{s}" in results]
@@ -185,7 +187,8 @@ def render(args, results: dict, commands: dict, device: str, started: str, argv:
             f"| {VARIANTS[variant][0]} | {variant} | {len(runs)} | {mean_spread(col('loss_last'), '.3f')} | "
             f"{mean_spread(col('accuracy'), '.3f')} | {mean_spread(col('choice_accuracy'), '.3f')} | "
             f"{mib(col('optimizer_state_bytes'))} | {mib(col('offloaded_state_bytes'))} | "
-            f"{mib(col('peak_memory_bytes'))} | {mean_spread(col('step_time_s'), '.2f')} |")
+            f"{mib(col('peak_memory_bytes'))} | {mean_spread(col('step_time_s'), '.2f')} | "
+            f"{mean_spread([r.get('svds', 0) for r in runs], '.0f')} |")
     lines += ["", "## Per run", "",
               "| run | loss (last steps) | acc | choice acc |", "|---|---|---|---|"]
     for key in sorted(results):

@@ -17,7 +17,9 @@ does nothing (stage 0); this optimizer owns the rest:
 
 Only owners hold state (fp32 master when the weights are not fp32, Adam moments, GaLore
 projector), and only for items of active layers: when a layer leaves the active set its
-state is freed, or kept on the CPU with `inactive_state="offload"`.
+state is freed, kept on the CPU with `inactive_state="offload"`, or reduced to its GaLore
+projectors on the CPU with `inactive_state="projectors"` (r/min(m,n) of a matrix), so a
+returning layer's projectors are refreshed on their own schedule, not by a new SVD.
 
 With `update_in_backward` (no clipping) an item is updated, and its gradient freed, as soon
 as its reduction is complete in the last micro-batch's backward, as GaLore 2 and LOMO do:
@@ -40,7 +42,9 @@ from owlore_ds.layerwise import comm, reshard
 from owlore_ds.layerwise.plan import Item, always_items, assign_owners, full_numel
 from owlore_ds.layerwise.rules import adamw_step, squared_norm
 
-INACTIVE_POLICIES = ("free", "offload")
+INACTIVE_POLICIES = ("free", "offload", "projectors")
+# What inactive_state="projectors" keeps of a matrix's GaLore state (galore.galore_adamw_step).
+PROJECTOR_STATE = ("projector", "proj_step", "lifetime_step")
 DEFAULT_BUCKET_BYTES = 1 << 26  # 64 MiB of gradients per reduction, as DeepSpeed's reduce_bucket_size order
 
 
@@ -94,6 +98,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.update_in_backward = update_in_backward
         self.final_micro_batch = True  # set by the caller before each backward
         self._updated: set[str] = set()  # items already updated in this step's backward
+        self.projector_refreshes = 0  # SVDs this rank ran since the counter was last read
         self._backward_squares = torch.zeros(1, dtype=torch.float64, device=self.device)
         if update_in_backward:
             self.reducer.on_complete = self._update_completed
@@ -137,7 +142,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 p.grad = None
                 owner = self.owners.pop(name)
                 state = self.item_state.pop(name, None)
-                if self.inactive_state == "offload":
+                if self.inactive_state == "projectors" and state is not None:
+                    state = {k: v for k, v in state.items() if k in PROJECTOR_STATE} or None
+                if self.inactive_state != "free":
                     self.parked[name] = owner
                     if state is not None:
                         self.offloaded[name] = to_device(state, torch.device("cpu"))
@@ -217,6 +224,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         state = self.item_state.get(item.key)
         if state is None:
             state = self.item_state[item.key] = self._new_state(item, weights)
+        elif "step" not in state:  # back from inactive_state="projectors": new moments and master
+            state.update({**self._new_state(item, weights), **state})
         if self.master_weights == "pure_bf16":  # moments follow the weights' dtype (adamw_step, galore)
             weight, grad = weights, grad.to(weights.dtype)
         else:
@@ -228,7 +237,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             grad = grad.mul_(coefficient)
         if item.low_rank:
             settings = self.galore_settings
-            galore.galore_adamw_step(
+            self.projector_refreshes += galore.galore_adamw_step(
                 weight.view(item.shape), grad.view(item.shape), state, lr=group["lr"], betas=group["betas"],
                 eps=group["eps"], weight_decay=group["weight_decay"], rank=settings.rank,
                 update_proj_gap=settings.update_proj_gap, scale=settings.scale, proj_type=settings.proj_type,

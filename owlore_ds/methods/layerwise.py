@@ -57,9 +57,11 @@ class LayerwiseMethod(OwnWeightsMethod):
     def step_metrics(self) -> dict[str, Any]:
         """Per rank (the trainer logs the largest): the weights this rank holds (its ZeRO-3
         partitions and whatever DeepSpeed keeps whole), and the most gradient bytes the
-        reducer held during the step (owned share, buckets in flight)."""
+        reducer held during the step (owned share, buckets in flight), and the GaLore projectors
+        this rank computed anew (SVDs, the cost of activating a layer)."""
+        refreshes, self.optimizer.projector_refreshes = self.optimizer.projector_refreshes, 0
         return {"active_layers": list(self.optimizer.active), "weight_bytes": self.weight_bytes(),
-                "peak_gradient_bytes": self.optimizer.reducer.peak_held_bytes}
+                "peak_gradient_bytes": self.optimizer.reducer.peak_held_bytes, "projector_refreshes": refreshes}
 
     def weight_bytes(self) -> int:
         """Counted once: partition sizes do not change, and what DeepSpeed gathered for a
