@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, common_args, run_training
+from conftest import ROOT, assert_same_weights, common_args, final_weights, run_training
 from owlore_ds.data import IGNORE_INDEX, load_training_data, pack_examples, read_records, tokenize_records
 from owlore_ds.errors import UserInputError
 from owlore_ds.metrics import read_metrics
@@ -160,20 +160,35 @@ def test_indexed_document_attention_restarts_positions_at_document_boundaries_on
         load_training_data(str(prefix), tokenizer, str(tokenizer_dir), 8, str(tmp_path / "c"), len(tokenizer), packing=True)
 
 
-@pytest.mark.parametrize("method, config", [("full", "zero3.json"), ("lisa", None)])
-def test_packed_run_trains_and_logs(tmp_path, tiny_llama, method, config):
-    """Short runs with --packing: through the DeepSpeed engine under ZeRO-3 (weights
-    partitioned), and through the bare module as the layerwise methods call it."""
-    data = _text2text(tmp_path / "t.json", count=64)
-    out = tmp_path / "out"
-    run_training(common_args(tiny_llama, data, out, packing=True, method=method, per_device_train_batch_size=2,
-                             max_steps=6, deepspeed=ROOT / "ds_configs" / config if config else None,
-                             lisa_activated_layers=1, lisa_interval_steps=3))
+def _check_trains_and_logs(out: Path, steps: int) -> None:
     records = read_metrics(out)
-    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
-    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["run_identity"]["packing"] is True
+    assert json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())["run_identity"]["packing"] is True
+
+
+def test_packed_runs_under_zero3_on_one_and_two_ranks_train_alike(tmp_path, tiny_llama):
+    """--packing through the DeepSpeed engine under ZeRO-3 (weights partitioned): it trains,
+    and 2 ranks train the same global batches of packed rows as 1."""
+    data = _text2text(tmp_path / "t.json", count=64)
+    one, two = tmp_path / "one", tmp_path / "two"
+    zero3 = ROOT / "ds_configs" / "zero3.json"
+    run_training(common_args(tiny_llama, data, one, packing=True, deepspeed=zero3, per_device_train_batch_size=2,
+                             max_steps=6))
+    run_training(common_args(tiny_llama, data, two, packing=True, deepspeed=zero3, per_device_train_batch_size=1,
+                             max_steps=6), nproc=2)
+    _check_trains_and_logs(one, 6)
+    assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(two)], rel=1e-5)
+    assert_same_weights(final_weights(one), final_weights(two))
+
+
+def test_packed_lisa_run_trains_and_logs(tmp_path, tiny_llama):
+    """The layerwise methods call the bare module, not the engine."""
+    data = _text2text(tmp_path / "t.json", count=64)
+    run_training(common_args(tiny_llama, data, tmp_path / "out", packing=True, method="lisa",
+                             per_device_train_batch_size=2, max_steps=6, lisa_activated_layers=1, lisa_interval_steps=3))
+    _check_trains_and_logs(tmp_path / "out", 6)
 
 
 def test_indexed_run_with_document_attention_trains_on_the_masked_loss(tmp_path, tiny_llama):
