@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from owlore_ds import distributed as dist
-from owlore_ds.config import RUN_IDENTITY_FIELDS, TrainConfig
+from owlore_ds.config import RUN_IDENTITY_FIELDS, RUN_IDENTITY_OPTIONAL, TrainConfig
 from owlore_ds.errors import CheckpointError, UserInputError
 
 TRAINER_STATE = "trainer_state.json"
@@ -44,6 +44,8 @@ log = logging.getLogger("owlore_ds")
 
 def run_identity(cfg: TrainConfig, global_batch: int) -> dict[str, Any]:
     identity = {name: getattr(cfg, name) for name in RUN_IDENTITY_FIELDS}
+    identity.update({name: getattr(cfg, name) for name, default in RUN_IDENTITY_OPTIONAL.items()
+                     if getattr(cfg, name) != default})
     identity["global_batch"] = global_batch
     return identity
 

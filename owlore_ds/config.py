@@ -27,6 +27,7 @@ FUSED_METHODS = ("lomo", "adalomo")  # the update runs inside backward (owlore_d
 PROB_MODES = ("uniform", "owl", "owl_reverse", "increase", "decrease")
 SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
+PACKING_ATTENTION = ("causal", "document")
 # With bf16 weights (lisa, owlore, galore): fp32 master copies; none (bf16 weights updated
 # in fp32 and rounded back, fp32 moments); pure_bf16 (weights, moments and projectors in
 # bf16, updated in bf16 as torch AdamW and galore-torch do on a bf16 model: the reference).
@@ -49,6 +50,10 @@ class TrainConfig:
     block_size: int = field(default=512, metadata={"help": "tokens per example"})
     cache_dir: str = field(default="~/.cache/owlore_ds", metadata={"help": "tokenized-data cache"})
     no_shuffle: bool = field(default=False, metadata={"help": "train on examples in file order"})
+    packing: bool = field(default=False, metadata={
+        "help": "SFT examples packed several to a block in data order, loss on targets only, no attention across examples"})
+    packing_attention: str = field(default="causal", metadata={
+        "help": "indexed data: causal (one stream) or document (positions restart, no attention across documents)"})
 
     # Schedule
     method: str = field(default="full", metadata={"help": f"one of {', '.join(METHODS)}"})
@@ -174,6 +179,7 @@ class TrainConfig:
         _check_choice("galore_svd_signs", self.galore_svd_signs, ("canonical", "lapack"))
         _check_choice("master_weights", self.master_weights, MASTER_POLICIES)
         _check_choice("reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
+        _check_choice("packing_attention", self.packing_attention, PACKING_ATTENTION)
         for name in ("lisa_activated_layers", "lisa_interval_steps", "galore_rank", "galore_update_proj_gap"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -250,6 +256,9 @@ RUN_IDENTITY_FIELDS = (
     "galore_svd_signs", "master_weights", "galore_spread_refreshes",
     "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
 )
+# Identity fields added later: recorded only when not at their default, so that runs
+# written before they existed still resume.
+RUN_IDENTITY_OPTIONAL = {"packing": False, "packing_attention": "causal"}
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -10,7 +10,10 @@ Formats (detected from the file):
 - a folder: every .json/.jsonl/.parquet/.txt file in it (a .txt file is one text)
 
 Every example becomes a row of `block_size` token ids with labels (-100 where no loss
-is taken) and an attention mask. The order of global batches depends only on the seed
+is taken) and an attention mask; with `packing`, examples are packed several to a row
+(pack_examples) and the row carries `position_ids` that restart at 0 in each example,
+from which the model call builds a mask that keeps examples apart
+(modeling.document_attention_mask). The order of global batches depends only on the seed
 and the data, never on the number of ranks or on the micro-batch/accumulation split.
 """
 
@@ -45,7 +48,9 @@ class TrainingData(Protocol):
     def __len__(self) -> int: ...
 
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """int64 `input_ids`, `attention_mask` and `labels` of these rows, [len(rows), block_size] each."""
+        """int64 `input_ids`, `attention_mask` and `labels` of these rows, [len(rows), block_size] each;
+        with packed examples or per-document attention also `position_ids`, which restart at 0
+        where a new example or document begins (no token attends across that boundary)."""
 
     def target_count(self, rows: torch.Tensor) -> int:
         """Loss-bearing tokens of these rows, after the causal shift."""
@@ -65,12 +70,16 @@ class TokenizedData:
     input_ids: torch.Tensor  # [N, block_size] int64
     labels: torch.Tensor  # [N, block_size] int64, IGNORE_INDEX where no loss
     attention_mask: torch.Tensor  # [N, block_size] int64
+    position_ids: Optional[torch.Tensor] = None  # [N, block_size] int64 when examples are packed
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows], "labels": self.labels[rows]}
+        batch = {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows], "labels": self.labels[rows]}
+        if self.position_ids is not None:
+            batch["position_ids"] = self.position_ids[rows]
+        return batch
 
     def target_count(self, rows: torch.Tensor) -> int:
         return int((self.labels[rows, 1:] != IGNORE_INDEX).sum())
@@ -93,6 +102,7 @@ class _Windows:
     """Rows that are whole windows of token stream: no padding, every token with loss."""
 
     block_size: int
+    document_attention: bool = False  # --packing_attention document: position_ids in every batch
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -100,9 +110,15 @@ class _Windows:
     def window(self, row: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def window_positions(self, row: int) -> torch.Tensor:
+        raise NotImplementedError
+
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         ids = torch.stack([self.window(row) for row in rows.tolist()])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if self.document_attention:
+            batch["position_ids"] = torch.stack([self.window_positions(row) for row in rows.tolist()])
+        return batch
 
     def target_count(self, rows: torch.Tensor) -> int:
         return len(rows) * (self.block_size - 1)
@@ -127,12 +143,20 @@ class PackedWindows(_Windows):
     Tokens are used as stored (the EOS between documents is the one the preprocessing
     wrote). Rows are read from the memory map on demand; the only array held is the
     cumulative sequence length (8 bytes a sequence, not a token).
+
+    With `document_attention` (--packing_attention document) a window's position ids
+    start at 0 and restart at 0 at every document that begins inside it (a document is
+    the run of sequences between two entries of the index's document indices), as
+    Megatron's reset_position_ids does at EOD tokens; the model call then lets no token
+    attend across those restarts. Labels stay every token: the last token of a document
+    (its EOS) still predicts the first token of the next, as in Megatron.
     """
 
-    def __init__(self, dataset: IndexedDataset, block_size: int, vocab_size: int):
+    def __init__(self, dataset: IndexedDataset, block_size: int, vocab_size: int, document_attention: bool = False):
         self.dataset = dataset
         self.block_size = block_size
         self.vocab_size = vocab_size
+        self.document_attention = document_attention
         self.ends = np.cumsum(dataset.lengths, dtype=np.int64)  # end of sequence i in the stream
         self._num_tokens = int(self.ends[-1]) if len(self.ends) else 0
 
@@ -141,6 +165,23 @@ class PackedWindows(_Windows):
 
     def window(self, row: int) -> torch.Tensor:
         return self.tokens(row * self.block_size, self.block_size)
+
+    def window_positions(self, row: int) -> torch.Tensor:
+        """Position ids of window `row`: 0 at its first token and at each document start inside it."""
+        start, size = row * self.block_size, self.block_size
+        # Sequences first..last begin inside the window (after its first token), at ends[j - 1].
+        first = int(np.searchsorted(self.ends, start, side="right")) + 1
+        last = int(np.searchsorted(self.ends, start + size - 1, side="right"))
+        restarts = torch.zeros(size, dtype=torch.bool)
+        restarts[0] = True
+        if last >= first:
+            sequences = np.arange(first, last + 1)
+            documents = self.dataset.document_indices  # sorted sequence indices where documents begin
+            found = np.searchsorted(documents, sequences)
+            begins = sequences[(found < len(documents)) & (documents[np.minimum(found, len(documents) - 1)] == sequences)]
+            restarts[torch.from_numpy(self.ends[begins - 1] - start)] = True
+        index = torch.arange(size)
+        return index - torch.cummax(torch.where(restarts, index, 0), dim=0).values
 
     def tokens(self, start: int, length: int) -> torch.Tensor:
         out = np.empty(length, dtype=np.int64)
@@ -174,6 +215,7 @@ class BlendedWindows(_Windows):
     def __init__(self, parts: list[PackedWindows], weights: list[float]):
         self.parts = parts
         self.block_size = parts[0].block_size
+        self.document_attention = parts[0].document_attention
         shares = np.asarray(weights, dtype=np.float64) / sum(weights)
         size = min(len(part) / share for part, share in zip(parts, shares))
         picks = [int(share * size + 1e-9) for share in shares]
@@ -188,6 +230,9 @@ class BlendedWindows(_Windows):
 
     def window(self, row: int) -> torch.Tensor:
         return self.parts[self.which[row]].window(int(self.picked[row]))
+
+    def window_positions(self, row: int) -> torch.Tensor:
+        return self.parts[self.which[row]].window_positions(int(self.picked[row]))
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
@@ -496,8 +541,13 @@ def _tokenized(record: dict, block_size: int) -> tuple[list[int], list[int]]:
     return ids, labels[:block_size]
 
 
-def tokenize_records(kind: str, records: list[dict], tokenizer, block_size: int) -> TokenizedData:
+def tokenize_records(kind: str, records: list[dict], tokenizer, block_size: int, packing: bool = False) -> TokenizedData:
+    """One row per example (padded), or with `packing` several examples per row (pack_examples)."""
     if kind == "text_only":
+        if packing:
+            raise UserInputError("--packing packs text2text, conversation and pre-tokenized examples; text_only data is "
+                                 "already one stream cut into full blocks (for per-document attention, preprocess it "
+                                 "into an indexed dataset and use --packing_attention document)")
         ids_list, labels_list = _pack_texts(records, tokenizer, block_size)
     else:
         if kind == "conversation" and not (tokenizer.chat_template and tokenizer.is_fast):
@@ -516,7 +566,47 @@ def tokenize_records(kind: str, records: list[dict], tokenizer, block_size: int)
                 labels_list.append(labels)
         if len(ids_list) < len(records):
             log.warning("dropped %d examples with no target tokens", len(records) - len(ids_list))
+        if packing:
+            return pack_examples(ids_list, labels_list, block_size, _pad_id(tokenizer))
     return _to_tensors(ids_list, labels_list, block_size, _pad_id(tokenizer))
+
+
+def pack_examples(ids_list: list[list[int]], labels_list: list[list[int]], block_size: int, pad_id: int) -> TokenizedData:
+    """Examples (each at most `block_size` tokens, cut as the padded path cuts them) packed
+    greedily in their order: an example joins the current row while it fits, else it
+    starts the next one. The rows are a function of the data alone, so GlobalBatches
+    shuffles them with the seed like any rows, and 1 and N ranks see the same batches.
+
+    Labels are as in the padded path, and also -100 at each example's first token, which
+    would otherwise be predicted from the end of the previous example. position_ids count
+    from 0 in each example and again in the padding at a row's end (its own "document",
+    without loss), so that the model call (modeling.document_attention_mask) can keep every
+    example to itself: the logits of an example are those it has alone.
+    """
+    rows: list[list[int]] = []
+    used = 0
+    for i, ids in enumerate(ids_list):
+        if not rows or used + len(ids) > block_size:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += len(ids)
+    n = len(rows)
+    input_ids = torch.full((n, block_size), pad_id, dtype=torch.long)
+    labels = torch.full((n, block_size), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, block_size), dtype=torch.long)
+    positions = torch.zeros((n, block_size), dtype=torch.long)
+    for row, members in enumerate(rows):
+        at = 0
+        for i in members:
+            length = len(ids_list[i])
+            input_ids[row, at : at + length] = torch.tensor(ids_list[i], dtype=torch.long)
+            labels[row, at + 1 : at + length] = torch.tensor(labels_list[i][1:], dtype=torch.long)
+            mask[row, at : at + length] = 1
+            positions[row, at : at + length] = torch.arange(length)
+            at += length
+        positions[row, at:] = torch.arange(block_size - at)
+    return TokenizedData(input_ids, labels, mask, positions)
 
 
 def _to_tensors(ids_list: list[list[int]], labels_list: list[list[int]], block_size: int, pad_id: int) -> TokenizedData:
@@ -542,8 +632,8 @@ def _hash_files(paths: Iterable[str], digest) -> None:
                 digest.update(chunk)
 
 
-def _cache_key(files: list[str], tokenizer_dir: str, block_size: int) -> str:
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{block_size}".encode())
+def _cache_key(files: list[str], tokenizer_dir: str, block_size: int, packing: bool = False) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{block_size}{'|packed' if packing else ''}".encode())
     _hash_files(files, digest)
     tokenizer_files = sorted(glob.glob(os.path.join(tokenizer_dir, "tokenizer*")) + glob.glob(os.path.join(tokenizer_dir, "*.model")))
     _hash_files(tokenizer_files, digest)
@@ -558,23 +648,35 @@ def _save_atomic(obj: Any, path: str) -> None:
 
 
 def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int, cache_dir: str,
-                       vocab_size: int) -> TrainingData:
+                       vocab_size: int, packing: bool = False, packing_attention: str = "causal") -> TrainingData:
     """Opens a Megatron indexed dataset (a prefix P of P.idx + P.bin) memory-mapped, or reads,
     checks and tokenizes a dataset of the small formats: one process per node tokenizes,
-    the rest read its cache."""
+    the rest read its cache.
+
+    `packing` (SFT examples several to a block) applies to the small formats,
+    `packing_attention` ("causal": one stream; "document": attention and positions kept
+    within each document) to indexed data."""
+    prefix = path[: -len(".idx")] if path.endswith((".idx", ".bin")) else path
+    indexed = is_mix(path) or is_prefix(prefix)
+    if packing and indexed:
+        raise UserInputError(f"--packing packs SFT examples; {path} is indexed data, already cut into full windows "
+                             "(use --packing_attention document to keep its documents apart)")
+    document_attention = packing_attention == "document"
+    if document_attention and not indexed:
+        raise UserInputError(f"--packing_attention document applies to indexed data (--dataset_path PREFIX or "
+                             f"--data_mix); for the examples of {path} use --packing")
     if is_mix(path):
         parts, weights = [], []
         for prefix, weight in parse_mix(path):
-            parts.append(PackedWindows(IndexedDataset(prefix), block_size, vocab_size))
+            parts.append(PackedWindows(IndexedDataset(prefix), block_size, vocab_size, document_attention))
             weights.append(weight)
         blend = BlendedWindows(parts, weights)
         if len(blend) == 0:
             raise UserInputError(f"--data_mix {path}: a dataset holds fewer than one block of {block_size} tokens")
         log.info("data mix %s: %d windows of %d tokens", path, len(blend), block_size)
         return blend
-    prefix = path[: -len(".idx")] if path.endswith((".idx", ".bin")) else path
     if is_prefix(prefix):
-        windows = PackedWindows(IndexedDataset(prefix), block_size, vocab_size)
+        windows = PackedWindows(IndexedDataset(prefix), block_size, vocab_size, document_attention)
         if len(windows) == 0:
             raise UserInputError(f"--dataset_path {path}: {windows.num_tokens()} tokens, fewer than one block of {block_size}")
         log.info("dataset %s: indexed, %d documents, %d windows of %d tokens", prefix,
@@ -585,13 +687,16 @@ def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int
             raise UserInputError(f"--dataset_path {path}: {prefix}{have} exists but {prefix}{lack} does not; "
                                  "an indexed dataset needs both")
     kind, records, files = read_records(path)  # every rank checks, so every rank raises the same error
-    cache_path = os.path.join(os.path.expanduser(cache_dir), "tokenized", f"{_cache_key(files, tokenizer_dir, block_size)}.pt")
+    key = _cache_key(files, tokenizer_dir, block_size, packing)
+    cache_path = os.path.join(os.path.expanduser(cache_dir), "tokenized", f"{key}.pt")
     error: Optional[UserInputError] = None
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(cache_path):
         try:
-            data = tokenize_records(kind, records, tokenizer, block_size)
-            _save_atomic({"input_ids": data.input_ids, "labels": data.labels, "attention_mask": data.attention_mask},
-                         cache_path)
+            data = tokenize_records(kind, records, tokenizer, block_size, packing)
+            saved = {"input_ids": data.input_ids, "labels": data.labels, "attention_mask": data.attention_mask}
+            if data.position_ids is not None:
+                saved["position_ids"] = data.position_ids
+            _save_atomic(saved, cache_path)
         except UserInputError as exc:
             error = exc
     if not dist.all_agree(error is None):
@@ -602,7 +707,8 @@ def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int
     top = int(data.input_ids.max())
     if top >= vocab_size:
         raise UserInputError(f"--dataset_path {path}: token id {top} is outside the model's vocabulary of {vocab_size}")
-    log.info("dataset %s: %s, %d examples of %d tokens", path, kind, len(data), block_size)
+    log.info("dataset %s: %s, %d %s of %d tokens", path, kind, len(data), "packed rows" if packing else "examples",
+             block_size)
     return data
 
 

@@ -59,6 +59,62 @@ def load_model(path: str, precision: str, gradient_checkpointing: bool) -> torch
     return model
 
 
+# Attention implementations that take the 4-D mask of document_attention_mask: sdpa
+# (a bool mask, True = attend) and eager (added to the scores, so a float mask).
+DOCUMENT_MASK_ATTENTION = ("sdpa", "eager")
+
+
+def check_document_attention(config, block_size: int, flag: str) -> None:
+    """Packing passes a 4-D mask that replaces the one the model would build, so a sliding
+    window shorter than the block would be lost, and attention kernels that take no
+    dense mask cannot run it: both are refused here, before anything is written."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < block_size:
+        raise UserInputError(f"{flag}: the model attends within a sliding window of {window} tokens, shorter than "
+                             f"--block_size {block_size}, which the per-document mask does not keep; use --block_size "
+                             f"{window} or less")
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if implementation not in DOCUMENT_MASK_ATTENTION:
+        raise UserInputError(f"{flag}: needs sdpa or eager attention (a 4-D mask); the model uses {implementation}")
+
+
+def document_attention_mask(position_ids: torch.Tensor, attn_implementation: str = "sdpa",
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, 1, S, S] mask that is causal and block-diagonal over documents: a document (an
+    example of a packed row, or a document of an indexed window) begins wherever
+    position_ids is 0. Built on the ids' device, so it follows the batch to CPU or GPU.
+
+    sdpa gets it as bool (True = attend; S*S bytes a row: 256 KiB at 512 tokens, 16 MiB at
+    4096), eager as an additive float mask (0 or the dtype's minimum). Hugging Face returns
+    a 4-D mask as given (masking_utils._preprocess_mask_arguments), so this is what every
+    layer sees. No row is empty: every token attends at least to itself.
+    Flash-attention kernels take no dense mask; their alternative is padding-free rows,
+    the micro-batch flattened to one row with these position_ids and no mask, from which
+    transformers derives the varlen sequence bounds (not wired here: the trainer loads
+    models with sdpa).
+    """
+    documents = (position_ids == 0).cumsum(dim=-1)
+    size = position_ids.shape[-1]
+    causal = torch.ones(size, size, dtype=torch.bool, device=position_ids.device).tril()
+    mask = ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+    if attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def model_inputs(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the model call for a batch: with `position_ids` (packed
+    examples or per-document attention), those and the per-document 4-D mask; otherwise
+    the 2-D padding mask, from which the model builds its causal mask."""
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    model = getattr(module, "module", module)  # a DeepSpeed engine wraps the model
+    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    dtype = model.get_input_embeddings().weight.dtype
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+            "attention_mask": document_attention_mask(batch["position_ids"], implementation, dtype)}
+
+
 # Tokens per chunk of the loss: one chunk's fp32 logits (1024 x 32000 x 4 B = 131 MB for
 # LLaMA2) exist at a time instead of the whole micro-batch's (1 GB each at 16 x 512 tokens).
 LOSS_CHUNK_TOKENS = 1024

@@ -19,7 +19,7 @@ from owlore_ds import checkpoint, distributed as dist, ds_config, methods, metri
 from owlore_ds.config import TrainConfig
 from owlore_ds.data import GlobalBatches, TrainingData, load_training_data
 from owlore_ds.layer_sampling import outlier_ratios
-from owlore_ds.modeling import check_block_size, load_model, load_tokenizer, read_model_config
+from owlore_ds.modeling import check_block_size, check_document_attention, load_model, load_tokenizer, read_model_config
 
 log = logging.getLogger("owlore_ds")
 
@@ -40,9 +40,12 @@ class Trainer:
         metrics.check_reporter(cfg.report_to)
         self.ds_config = ds_config.fill(ds_config.read(cfg.deepspeed), cfg, self.world, self.model_config.hidden_size)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path)
+        if cfg.packing or cfg.packing_attention == "document":
+            check_document_attention(self.model_config, cfg.block_size,
+                                     "--packing" if cfg.packing else "--packing_attention document")
         self.data: TrainingData = load_training_data(
             cfg.dataset_path, self.tokenizer, cfg.model_name_or_path, cfg.block_size, cfg.cache_dir,
-            self.model_config.vocab_size)
+            self.model_config.vocab_size, packing=cfg.packing, packing_attention=cfg.packing_attention)
         self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
         self.batches = GlobalBatches(len(self.data), self.global_batch, cfg.seed, shuffle=not cfg.no_shuffle)
         self.total_steps = cfg.total_steps(self.batches.steps_per_epoch)

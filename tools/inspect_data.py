@@ -1,11 +1,14 @@
 """Show the first training examples exactly as the trainer sees them, before a long run.
 
     python tools/inspect_data.py --dataset_path DATA --model_name_or_path MODEL [--block_size N] [--num_examples K]
+        [--packing] [--packing_attention document]
 
 Each example is printed decoded (special tokens included, padding left out) with the
 tokens that carry loss wrapped in [[ ]]; then the counts: examples, tokens, loss-bearing
 tokens and the share of padding. DATA is anything --dataset_path takes (a file, a folder,
 or the prefix of a Megatron indexed dataset); the tokenized cache is the trainer's.
+With --packing (or --packing_attention document) a row holds several examples (documents),
+each printed on its own after a `~~ next example` line: no token attends across one.
 """
 
 from __future__ import annotations
@@ -32,21 +35,32 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--block_size", type=int, default=512, help="tokens per example, as given to training")
     parser.add_argument("--num_examples", type=int, default=3)
     parser.add_argument("--cache_dir", default="~/.cache/owlore_ds", help="tokenized-data cache, as given to training")
+    parser.add_argument("--packing", action="store_true", help="SFT examples packed several to a row, as given to training")
+    parser.add_argument("--packing_attention", default="causal", choices=("causal", "document"),
+                        help="indexed data: causal or document, as given to training")
     args = parser.parse_args(argv)
 
     config = read_model_config(args.model_name_or_path)
     check_block_size(config, args.block_size, args.model_name_or_path)
     tokenizer = load_tokenizer(args.model_name_or_path)
     data = load_training_data(args.dataset_path, tokenizer, args.model_name_or_path, args.block_size, args.cache_dir,
-                              config.vocab_size)
+                              config.vocab_size, packing=args.packing, packing_attention=args.packing_attention)
     shown = min(args.num_examples, len(data))
     batch = data.batch(torch.arange(shown))
     for i in range(shown):
-        print(f"----- example {i} ({int(batch['attention_mask'][i].sum())} tokens, "
+        mask = batch["attention_mask"][i]
+        print(f"----- {'row' if 'position_ids' in batch else 'example'} {i} ({int(mask.sum())} tokens, "
               f"{data.target_count(torch.tensor([i]))} with loss, marked [[ ]])")
-        print(render_example(tokenizer, batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]))
+        starts = [0] if "position_ids" not in batch else (batch["position_ids"][i] == 0).nonzero().flatten().tolist()
+        for lo, hi in zip(starts, starts[1:] + [len(mask)]):
+            if not mask[lo]:
+                break  # the padding at the row's end
+            if lo:
+                print("~~ next example (no attention across this line)")
+            print(render_example(tokenizer, batch["input_ids"][i, lo:hi], batch["labels"][i, lo:hi], mask[lo:hi]))
     counts = dataset_counts(data, args.block_size)
-    print(f"----- {counts['examples']} examples of {args.block_size} tokens: {counts['tokens']} tokens, "
+    print(f"----- {counts['examples']} {'rows' if args.packing else 'examples'} of {args.block_size} tokens: "
+          f"{counts['tokens']} tokens, "
           f"{counts['loss_tokens']} with loss, padding {100 * counts['padding_share']:.1f}% of the blocks")
 
 

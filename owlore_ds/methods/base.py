@@ -14,7 +14,7 @@ import torch
 
 from owlore_ds import checkpoint
 from owlore_ds.config import TrainConfig
-from owlore_ds.modeling import causal_lm_loss_sum
+from owlore_ds.modeling import causal_lm_loss_sum, model_inputs
 
 
 class Method:
@@ -41,7 +41,7 @@ class Method:
         """Before the first micro-batch of optimizer step `step` (0-based)."""
 
     def loss_sum(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = module(**model_inputs(module, batch)).logits
         return causal_lm_loss_sum(logits, batch["labels"])
 
     def micro_step(self, batch: dict[str, torch.Tensor], targets: int) -> torch.Tensor:
