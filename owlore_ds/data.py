@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Protocol
 
@@ -488,10 +489,8 @@ def _eos(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def _pack_texts(records: list[dict], tokenizer, block_size: int) -> tuple[list[list[int]], list[list[int]]]:
-    stream: list[int] = []
-    for record in records:
-        stream.extend(_bos(tokenizer) + _encode(tokenizer, record["text"]) + _eos(tokenizer))
+def _pack_texts(documents: list[list[int]], block_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    stream = [token for document in documents for token in document]
     blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
     return blocks, [list(b) for b in blocks]
 
@@ -541,34 +540,52 @@ def _tokenized(record: dict, block_size: int) -> tuple[list[int], list[int]]:
     return ids, labels[:block_size]
 
 
-def tokenize_records(kind: str, records: list[dict], tokenizer, block_size: int, packing: bool = False) -> TokenizedData:
-    """One row per example (padded), or with `packing` several examples per row (pack_examples)."""
+def encode_records(kind: str, records: list[dict], tokenizer, block_size: int, packing: bool = False) -> list:
+    """The per-record work of tokenizing, which the ranks of a node share (load_training_data):
+    text_only: each record's tokens (BOS, text, EOS); the others: each example's (ids, labels),
+    examples with no loss-bearing token left out."""
     if kind == "text_only":
         if packing:
             raise UserInputError("--packing packs text2text, conversation and pre-tokenized examples; text_only data is "
                                  "already one stream cut into full blocks (for per-document attention, preprocess it "
                                  "into an indexed dataset and use --packing_attention document)")
-        ids_list, labels_list = _pack_texts(records, tokenizer, block_size)
-    else:
-        if kind == "conversation" and not (tokenizer.chat_template and tokenizer.is_fast):
-            raise UserInputError("conversation data needs a fast tokenizer with a chat_template; the model's has none")
-        ids_list, labels_list = [], []
-        for record in records:
-            if kind == "text2text":
-                ids, labels = _text2text(record, tokenizer, block_size)
-            elif kind == "conversation":
-                ids, labels = _conversation(record, tokenizer, block_size)
-            else:
-                ids, labels = _tokenized(record, block_size)
-            # An example with no loss-bearing token would give 0/0 = NaN: drop it.
-            if any(label != IGNORE_INDEX for label in labels[1:]):
-                ids_list.append(ids)
-                labels_list.append(labels)
-        if len(ids_list) < len(records):
-            log.warning("dropped %d examples with no target tokens", len(records) - len(ids_list))
-        if packing:
-            return pack_examples(ids_list, labels_list, block_size, _pad_id(tokenizer))
-    return _to_tensors(ids_list, labels_list, block_size, _pad_id(tokenizer))
+        return [_bos(tokenizer) + _encode(tokenizer, record["text"]) + _eos(tokenizer) for record in records]
+    if kind == "conversation" and not (tokenizer.chat_template and tokenizer.is_fast):
+        raise UserInputError("conversation data needs a fast tokenizer with a chat_template; the model's has none")
+    examples = []
+    for record in records:
+        if kind == "text2text":
+            ids, labels = _text2text(record, tokenizer, block_size)
+        elif kind == "conversation":
+            ids, labels = _conversation(record, tokenizer, block_size)
+        else:
+            ids, labels = _tokenized(record, block_size)
+        # An example with no loss-bearing token would give 0/0 = NaN: drop it.
+        if any(label != IGNORE_INDEX for label in labels[1:]):
+            examples.append((ids, labels))
+    if len(examples) < len(records):
+        log.warning("dropped %d examples with no target tokens", len(records) - len(examples))
+    return examples
+
+
+def assemble_rows(kind: str, encoded: list, block_size: int, pad_id: int, packing: bool = False) -> TokenizedData:
+    """The rows from encode_records' output (of all the records, in order): one row per example
+    (padded), with `packing` several examples per row (pack_examples), or text_only's stream
+    cut into blocks."""
+    if kind == "text_only":
+        ids_list, labels_list = _pack_texts(encoded, block_size)
+        return _to_tensors(ids_list, labels_list, block_size, pad_id)
+    ids_list = [ids for ids, _ in encoded]
+    labels_list = [labels for _, labels in encoded]
+    if packing:
+        return pack_examples(ids_list, labels_list, block_size, pad_id)
+    return _to_tensors(ids_list, labels_list, block_size, pad_id)
+
+
+def tokenize_records(kind: str, records: list[dict], tokenizer, block_size: int, packing: bool = False) -> TokenizedData:
+    """One row per example (padded), or with `packing` several examples per row (pack_examples)."""
+    return assemble_rows(kind, encode_records(kind, records, tokenizer, block_size, packing), block_size,
+                         _pad_id(tokenizer), packing)
 
 
 def pack_examples(ids_list: list[list[int]], labels_list: list[list[int]], block_size: int, pad_id: int) -> TokenizedData:
@@ -640,6 +657,46 @@ def _cache_key(files: list[str], tokenizer_dir: str, block_size: int, packing: b
     return digest.hexdigest()[:24]
 
 
+def _tokenize_once(path: str, cache_path: str, kind: str, records: list[dict], tokenizer, block_size: int,
+                   packing: bool) -> None:
+    """Fills the cache at `cache_path` unless it exists: the ranks that share that file (the
+    same host and path: a node's ranks) each tokenize a contiguous share of the records and
+    write it beside the cache; the first of them joins the shares into the rows and writes the
+    cache once. So no rank tokenizes the whole dataset while the others wait. A collective."""
+    where = (socket.gethostname(), os.path.realpath(cache_path))
+    everyone = dist.all_gather_object((where, os.path.exists(cache_path)))
+    peers = [r for r, (other, _) in enumerate(everyone) if other == where]
+    needed = not all(exists for other, exists in everyone if other == where)
+    share, shares = peers.index(dist.rank()), len(peers)
+    part = lambda i: f"{cache_path}.part{i}-of-{shares}"  # noqa: E731
+    error: Optional[UserInputError] = None
+    if needed:
+        lo, hi = len(records) * share // shares, len(records) * (share + 1) // shares
+        log.info("tokenizing records %d-%d of %d (share %d of %d on this node)", lo, hi, len(records), share + 1, shares)
+        try:
+            _save_atomic(encode_records(kind, records[lo:hi], tokenizer, block_size, packing), part(share))
+        except UserInputError as exc:
+            error = exc
+    if not dist.all_agree(error is None):
+        raise error or UserInputError(f"--dataset_path {path}: tokenizing failed on another rank")
+    failure: Optional[Exception] = None
+    if needed and dist.rank() == peers[0]:
+        try:
+            encoded = [entry for i in range(shares) for entry in torch.load(part(i), weights_only=True)]
+            data = assemble_rows(kind, encoded, block_size, _pad_id(tokenizer), packing)
+            saved = {"input_ids": data.input_ids, "labels": data.labels, "attention_mask": data.attention_mask}
+            if data.position_ids is not None:
+                saved["position_ids"] = data.position_ids
+            _save_atomic(saved, cache_path)
+            for i in range(shares):
+                os.remove(part(i))
+        except Exception as exc:  # a full disk must fail every rank, not leave them waiting
+            failure = exc
+    if not dist.all_agree(failure is None):
+        raise failure or UserInputError(f"--dataset_path {path}: writing the tokenized cache {cache_path} failed "
+                                        "on another rank")
+
+
 def _save_atomic(obj: Any, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -689,18 +746,7 @@ def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int
     kind, records, files = read_records(path)  # every rank checks, so every rank raises the same error
     key = _cache_key(files, tokenizer_dir, block_size, packing)
     cache_path = os.path.join(os.path.expanduser(cache_dir), "tokenized", f"{key}.pt")
-    error: Optional[UserInputError] = None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(cache_path):
-        try:
-            data = tokenize_records(kind, records, tokenizer, block_size, packing)
-            saved = {"input_ids": data.input_ids, "labels": data.labels, "attention_mask": data.attention_mask}
-            if data.position_ids is not None:
-                saved["position_ids"] = data.position_ids
-            _save_atomic(saved, cache_path)
-        except UserInputError as exc:
-            error = exc
-    if not dist.all_agree(error is None):
-        raise error or UserInputError(f"--dataset_path {path}: tokenizing failed on another rank")
+    _tokenize_once(path, cache_path, kind, records, tokenizer, block_size, packing)
     data = TokenizedData(**torch.load(cache_path, weights_only=True))
     if len(data) == 0:
         raise UserInputError(f"--dataset_path {path}: no training example fits (block_size {block_size}); the dataset is empty")

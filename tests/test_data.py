@@ -252,3 +252,53 @@ def test_inspect_data_shows_the_instruction_in_the_prompt_and_loss_on_the_respon
     assert "JULIET" not in result.stdout  # one example asked for
     counts = result.stdout.strip().splitlines()[-1]
     assert re.match(r"----- 2 examples of 64 tokens: \d+ tokens, \d+ with loss, padding \d+\.\d% of the blocks", counts)
+
+
+def _tokenize_on_rank(rank: int, world: int, init_file: str, dataset: str, tokenizer_dir: str, cache: str,
+                      results) -> None:
+    """One rank of a real gloo group loading the dataset; records how many records it encoded."""
+    import torch.distributed as torch_dist
+    from transformers import AutoTokenizer
+
+    import owlore_ds.data as data_module
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    encoded = []
+    original = data_module.encode_records
+
+    def counting(kind, records, *args, **kwargs):
+        encoded.append(len(records))
+        return original(kind, records, *args, **kwargs)
+
+    data_module.encode_records = counting
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    data = data_module.load_training_data(dataset, tokenizer, tokenizer_dir, 64, cache, vocab_size=len(tokenizer))
+    results[rank] = (encoded, data.input_ids.clone(), data.labels.clone())
+    torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["text2text", "text_only"])
+def test_the_ranks_of_a_node_share_the_tokenizing_and_write_one_cache(tmp_path, tokenizer, tokenizer_dir, task_data,
+                                                                        kind):
+    """3 ranks, one host, one cache folder: each encodes a third of the records, the cache is
+    written once (no share files left) and holds what one process alone tokenizes."""
+    import torch.multiprocessing as mp
+
+    if kind == "text2text":
+        dataset = task_data
+    else:
+        texts = [line for line in (Path(__file__).resolve().parents[1] / "data" / "pretrain" / "train.txt")
+                 .read_text(encoding="utf-8").splitlines() if line.strip()][:300]
+        dataset = _write(tmp_path / "texts.json", {"type": "text_only", "instances": [{"text": t} for t in texts]})
+    records = len(read_records(str(dataset))[1])
+    alone = load_training_data(str(dataset), tokenizer, str(tokenizer_dir), 64, str(tmp_path / "alone"),
+                               vocab_size=len(tokenizer))
+    results = mp.Manager().dict()
+    cache = tmp_path / "shared"
+    mp.spawn(_tokenize_on_rank, args=(3, str(tmp_path / "init"), str(dataset), str(tokenizer_dir), str(cache), results),
+             nprocs=3)
+    shares = [results[rank][0] for rank in range(3)]
+    assert shares == [[records * (r + 1) // 3 - records * r // 3] for r in range(3)]
+    for rank in range(3):
+        assert torch.equal(results[rank][1], alone.input_ids) and torch.equal(results[rank][2], alone.labels)
+    assert [p.suffix for p in (cache / "tokenized").iterdir()] == [".pt"]  # the cache alone, no shares left
