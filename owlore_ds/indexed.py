@@ -15,6 +15,7 @@ memory maps, so a reader's resident memory does not grow with the corpus.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from array import array
@@ -98,10 +99,14 @@ class IndexedWriter:
     Megatron's preprocess_data.py writes it without --split-sentences).
 
     Both files are written under temporary names and renamed by `finish`, so a killed
-    writer never leaves a pair that looks complete.
+    writer never leaves a pair that looks complete. With an `identity` (what the output is
+    made from) the writer is resumable: `checkpoint` makes what was written so far durable
+    (`P.bin.partial`, `P.lengths.partial`, `P.progress.json`), and a new writer with the
+    same identity continues from the last checkpoint (`documents_read` says how many input
+    documents that covers); a different identity starts over.
     """
 
-    def __init__(self, prefix: str, dtype: type):
+    def __init__(self, prefix: str, dtype: type, identity: Optional[dict] = None):
         self.prefix = prefix
         self.dtype = np.dtype(dtype).newbyteorder("<")
         code = next((c for c, d in DTYPE_CODES.items() if np.dtype(d) == np.dtype(dtype)), None)
@@ -110,10 +115,53 @@ class IndexedWriter:
         self.code = code
         folder = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(folder, exist_ok=True)
-        self._tmp = f".{os.getpid()}.tmp"
-        self._bin = open(f"{prefix}.bin{self._tmp}", "wb")
+        self.identity = identity
+        self._tmp = ".partial" if identity is not None else f".{os.getpid()}.tmp"
+        self._progress = f"{prefix}.progress.json"
+        self._lengths = f"{prefix}.lengths.partial"
         self.lengths = array("i")  # 4 bytes a document, not a Python int each
         self.tokens = 0
+        self.documents_read = 0
+        progress = self._saved_progress()
+        if progress is None:
+            self._bin = open(f"{prefix}.bin{self._tmp}", "wb")
+            return
+        with open(self._lengths, "rb") as fh:
+            self.lengths.frombytes(fh.read(4 * progress["documents_written"]))
+        self.tokens, self.documents_read = progress["tokens"], progress["documents_read"]
+        self._bin = open(f"{prefix}.bin{self._tmp}", "r+b")
+        self._bin.truncate(self.tokens * self.dtype.itemsize)  # what came after the checkpoint
+        self._bin.seek(0, os.SEEK_END)
+
+    def _saved_progress(self) -> Optional[dict]:
+        """The last checkpoint of a writer with this identity, if its files are all there."""
+        if self.identity is None or not os.path.isfile(self._progress):
+            return None
+        try:
+            with open(self._progress) as fh:
+                progress = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        complete = (progress.get("identity") == self.identity and os.path.isfile(f"{self.prefix}.bin{self._tmp}")
+                    and os.path.getsize(f"{self.prefix}.bin{self._tmp}") >= progress["tokens"] * self.dtype.itemsize
+                    and os.path.isfile(self._lengths)
+                    and os.path.getsize(self._lengths) >= 4 * progress["documents_written"])
+        return progress if complete else None
+
+    def checkpoint(self, documents_read: int) -> None:
+        """Makes the documents written so far durable, as covering `documents_read` input documents."""
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        for path, data in ((self._lengths, self.lengths.tobytes()),
+                           (self._progress, json.dumps({"identity": self.identity, "documents_read": documents_read,
+                                                        "documents_written": len(self.lengths),
+                                                        "tokens": self.tokens}).encode())):
+            with open(f"{path}.tmp", "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(f"{path}.tmp", path)
+        self.documents_read = documents_read
 
     def add_document(self, tokens: Iterable[int] | np.ndarray) -> None:
         array = np.asarray(tokens, dtype=self.dtype)
@@ -128,9 +176,12 @@ class IndexedWriter:
     def abort(self) -> None:
         """Removes what a writer that will not finish has written."""
         self._bin.close()
-        for suffix in (".bin", ".idx"):
-            if os.path.exists(f"{self.prefix}{suffix}{self._tmp}"):
-                os.remove(f"{self.prefix}{suffix}{self._tmp}")
+        self._remove_partial_files()
+
+    def _remove_partial_files(self) -> None:
+        for path in (f"{self.prefix}.bin{self._tmp}", f"{self.prefix}.idx{self._tmp}", self._progress, self._lengths):
+            if os.path.exists(path):
+                os.remove(path)
 
     def finish(self) -> None:
         self._bin.close()
@@ -146,3 +197,4 @@ class IndexedWriter:
             fh.write(documents.tobytes())
         os.replace(f"{self.prefix}.bin{self._tmp}", f"{self.prefix}.bin")
         os.replace(f"{self.prefix}.idx{self._tmp}", f"{self.prefix}.idx")
+        self._remove_partial_files()

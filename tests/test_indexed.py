@@ -157,7 +157,41 @@ def test_preprocess_tool_writes_megatrons_layout_with_eod(tmp_path, tokenizer, t
                              "--tokenizer", str(tokenizer_dir), "--output_prefix", str(tmp_path / "bad"), "--workers", "1"],
                             env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "bad.jsonl: line 2 has no string 'text'" in result.stderr
-    assert not list(tmp_path.glob("bad.*.tmp")) and not (tmp_path / "bad.idx").exists()
+    assert sorted(p.name for p in tmp_path.glob("bad.*")) == ["bad.jsonl"]  # nothing partial left
+
+
+def test_a_killed_preprocessing_continues_where_it_stopped_and_writes_what_a_straight_run_writes(tmp_path,
+                                                                                                tokenizer_dir):
+    import signal
+    import time
+
+    lines = [line for line in (ROOT / "data" / "pretrain" / "train.txt").read_text(encoding="utf-8").splitlines()
+             if line.strip()]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"{i}: {lines[i % len(lines)]}"}) for i in range(40000)))
+
+    def command(prefix):
+        return [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(corpus), "--tokenizer",
+                str(tokenizer_dir), "--output_prefix", str(prefix), "--workers", "2", "--checkpoint_seconds", "0"]
+
+    straight = tmp_path / "straight" / "corpus"
+    subprocess.run(command(straight), env=base_env(), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed" / "corpus"
+    process = subprocess.Popen(command(killed), env=base_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    progress = Path(f"{killed}.progress.json")
+    while not (progress.exists() and json.loads(progress.read_text())["documents_read"] >= 1024):
+        assert process.poll() is None, "finished before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not Path(f"{killed}.idx").exists()
+    result = subprocess.run(command(killed), env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout and "input documents already done" in result.stdout
+    for suffix in (".bin", ".idx"):
+        assert Path(f"{killed}{suffix}").read_bytes() == Path(f"{straight}{suffix}").read_bytes(), suffix
+    assert sorted(p.name for p in killed.parent.iterdir()) == ["corpus.bin", "corpus.idx"]
 
 
 def test_first_step_loss_is_the_models_loss_on_the_first_windows(shards, tiny_llama, tmp_path):

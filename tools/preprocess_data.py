@@ -8,6 +8,11 @@ order). Each document is tokenized without special tokens and ends in EOS, as Me
 preprocess_data.py --append-eod writes it; empty documents are skipped, as there. Tokens
 are uint16 when the vocabulary has fewer than 65500 entries, else int32. Then train with
 `--dataset_path P`.
+
+Resumable: every --checkpoint_seconds what is written is made durable (P.bin.partial,
+P.lengths.partial, P.progress.json); run the same command again after a kill or Ctrl-C
+and it continues from there, provided the input files, tokenizer and --text_key are
+unchanged (else it starts over).
 """
 
 from __future__ import annotations
@@ -72,11 +77,24 @@ def _start_worker(tokenizer_dir: str) -> None:
     _dtype = token_dtype(len(_tokenizer))
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, list[int]]:
-    """The documents' tokens back to back, and their lengths: one array to send back, not one per document."""
+def _encode(texts: list[str]) -> tuple[np.ndarray, list[int], int]:
+    """The documents' tokens back to back, their lengths (one array to send back, not one per
+    document) and how many input documents they came from (empty ones are skipped)."""
     encoded = [ids + [_tokenizer.eos_token_id] for ids in _tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
     flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=_dtype)
-    return flat, [len(ids) for ids in encoded]
+    return flat, [len(ids) for ids in encoded], len(texts)
+
+
+def _identity(files: list[str], tokenizer_dir: str, text_key: str) -> dict:
+    """What the output is made from, cheap to compute: a resumed run must agree on it."""
+    def stamp(path: str) -> list:
+        info = os.stat(path)
+        return [os.path.abspath(path), info.st_size, info.st_mtime_ns]
+
+    tokenizer = sorted(os.path.join(tokenizer_dir, name) for name in os.listdir(tokenizer_dir)
+                       if name.startswith("tokenizer") or name.endswith(".model"))
+    return {"inputs": [stamp(p) for p in files], "tokenizer": [stamp(p) for p in tokenizer], "text_key": text_key,
+            "dtype": np.dtype(_dtype).name}
 
 
 def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
@@ -84,17 +102,23 @@ def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def preprocess(input_path: str, tokenizer_dir: str, output_prefix: str, workers: int, text_key: str = "text") -> tuple[int, int]:
-    """Writes output_prefix.bin/.idx; returns (documents, tokens)."""
+def preprocess(input_path: str, tokenizer_dir: str, output_prefix: str, workers: int, text_key: str = "text",
+               checkpoint_seconds: float = 30.0) -> tuple[int, int]:
+    """Writes output_prefix.bin/.idx, continuing an interrupted run of the same command;
+    returns (documents, tokens)."""
     from tqdm import tqdm
 
     files = input_files(input_path)
     _start_worker(tokenizer_dir)  # in this process too: the dtype, and tokenizing when workers == 1
-    writer = IndexedWriter(output_prefix, _dtype)
-    start = time.perf_counter()
+    writer = IndexedWriter(output_prefix, _dtype, identity=_identity(files, tokenizer_dir, text_key))
+    read, resumed_tokens = writer.documents_read, writer.tokens
+    if read:
+        print(f"resuming {output_prefix}: {read} input documents already done "
+              f"({len(writer.lengths)} written, {writer.tokens} tokens)", flush=True)
+    start = last_checkpoint = time.perf_counter()
     pool = None
     try:
-        batches = _batches(documents(files, text_key))
+        batches = _batches(itertools.islice(documents(files, text_key), read, None))
         if workers > 1:
             import multiprocessing
 
@@ -104,12 +128,20 @@ def preprocess(input_path: str, tokenizer_dir: str, output_prefix: str, workers:
             encoded = pool.imap(_encode, batches)
         else:
             encoded = map(_encode, batches)
-        with tqdm(unit="tok", unit_scale=True, desc="tokenize", dynamic_ncols=True) as progress:
-            for tokens, lengths in encoded:
+        with tqdm(unit="tok", unit_scale=True, desc="tokenize", dynamic_ncols=True, initial=writer.tokens) as progress:
+            for tokens, lengths, texts in encoded:
                 writer.add_documents(tokens, lengths)
+                read += texts
                 progress.update(len(tokens))
                 progress.set_postfix(docs=len(writer.lengths))
+                if time.perf_counter() - last_checkpoint >= checkpoint_seconds:
+                    writer.checkpoint(read)
+                    last_checkpoint = time.perf_counter()
         writer.finish()
+    except KeyboardInterrupt:
+        writer.checkpoint(read)  # what is written is whole documents: keep it for the next run
+        print(f"interrupted after {read} input documents; run the same command again to continue", file=sys.stderr)
+        raise
     except BaseException:
         writer.abort()
         raise
@@ -117,8 +149,9 @@ def preprocess(input_path: str, tokenizer_dir: str, output_prefix: str, workers:
         if pool is not None:
             pool.terminate()
     seconds = time.perf_counter() - start
+    done = writer.tokens - resumed_tokens
     print(f"wrote {output_prefix}.bin and {output_prefix}.idx: {len(writer.lengths)} documents, {writer.tokens} tokens "
-          f"({np.dtype(_dtype).name}) in {seconds:.1f} s, {writer.tokens / max(seconds, 1e-9):,.0f} tokens/s")
+          f"({np.dtype(_dtype).name}) in {seconds:.1f} s, {done / max(seconds, 1e-9):,.0f} tokens/s")
     return len(writer.lengths), writer.tokens
 
 
@@ -129,12 +162,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--output_prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     parser.add_argument("--text_key", default="text", help="the text's key in .jsonl rows / column in .parquet")
+    parser.add_argument("--checkpoint_seconds", type=float, default=30.0,
+                        help="how often progress is made durable for a resumed run (0: after every batch)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         raise UserInputError(f"--workers must be at least 1, got {args.workers}")
+    if args.checkpoint_seconds < 0:
+        raise UserInputError(f"--checkpoint_seconds must be >= 0, got {args.checkpoint_seconds}")
     if not os.path.isdir(args.tokenizer):
         raise UserInputError(f"--tokenizer {args.tokenizer}: no such folder")
-    preprocess(args.input, args.tokenizer, args.output_prefix, args.workers, args.text_key)
+    preprocess(args.input, args.tokenizer, args.output_prefix, args.workers, args.text_key, args.checkpoint_seconds)
 
 
 if __name__ == "__main__":
