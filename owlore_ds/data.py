@@ -142,8 +142,11 @@ class PackedWindows(_Windows):
     `block_size` tokens (the tail shorter than a window is dropped); window i is row i.
 
     Tokens are used as stored (the EOS between documents is the one the preprocessing
-    wrote). Rows are read from the memory map on demand; the only array held is the
-    cumulative sequence length (8 bytes a sequence, not a token).
+    wrote). Rows are read from the memory map on demand, and a stream position is found
+    by a binary search of the index's memory-mapped byte pointers, which Megatron's writer
+    (and ours) lays out back to back: nothing the size of the corpus is held in memory, so
+    the sample index needs no building or caching. An index whose sequences are not back
+    to back gets its stream offsets computed once instead (8 bytes a sequence).
 
     With `document_attention` (--packing_attention document) a window's position ids
     start at 0 and restart at 0 at every document that begins inside it (a document is
@@ -158,8 +161,24 @@ class PackedWindows(_Windows):
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.document_attention = document_attention
-        self.ends = np.cumsum(dataset.lengths, dtype=np.int64)  # end of sequence i in the stream
-        self._num_tokens = int(self.ends[-1]) if len(self.ends) else 0
+        self._itemsize = dataset.dtype.itemsize
+        # Byte offset of each sequence in the concatenated stream: the pointers themselves
+        # when the sequences are stored back to back.
+        if _back_to_back(dataset):
+            self._offsets = dataset.pointers
+        else:
+            log.info("%s: sequences not stored back to back; computing their stream offsets", dataset.prefix)
+            self._offsets = np.concatenate([[0], np.cumsum(dataset.lengths[:-1], dtype=np.int64)]) * self._itemsize
+        last = len(dataset) - 1
+        self._num_tokens = self._begin(last) + int(dataset.lengths[last]) if len(dataset) else 0
+
+    def _begin(self, sequence: int | np.ndarray):
+        """Stream position of the first token of `sequence` (or of each of an array of them)."""
+        return self._offsets[sequence] // self._itemsize
+
+    def _sequence_at(self, position: int) -> int:
+        """The sequence that holds stream position `position` (empty ones are skipped)."""
+        return int(np.searchsorted(self._offsets, position * self._itemsize, side="right")) - 1
 
     def __len__(self) -> int:
         return self._num_tokens // self.block_size
@@ -170,9 +189,9 @@ class PackedWindows(_Windows):
     def window_positions(self, row: int) -> torch.Tensor:
         """Position ids of window `row`: 0 at its first token and at each document start inside it."""
         start, size = row * self.block_size, self.block_size
-        # Sequences first..last begin inside the window (after its first token), at ends[j - 1].
-        first = int(np.searchsorted(self.ends, start, side="right")) + 1
-        last = int(np.searchsorted(self.ends, start + size - 1, side="right"))
+        # Sequences first..last begin inside the window (after its first token).
+        first = self._sequence_at(start) + 1
+        last = self._sequence_at(start + size - 1)
         restarts = torch.zeros(size, dtype=torch.bool)
         restarts[0] = True
         if last >= first:
@@ -180,17 +199,16 @@ class PackedWindows(_Windows):
             documents = self.dataset.document_indices  # sorted sequence indices where documents begin
             found = np.searchsorted(documents, sequences)
             begins = sequences[(found < len(documents)) & (documents[np.minimum(found, len(documents) - 1)] == sequences)]
-            restarts[torch.from_numpy(self.ends[begins - 1] - start)] = True
+            restarts[torch.from_numpy(np.asarray(self._begin(begins), dtype=np.int64) - start)] = True
         index = torch.arange(size)
         return index - torch.cummax(torch.where(restarts, index, 0), dim=0).values
 
     def tokens(self, start: int, length: int) -> torch.Tensor:
         out = np.empty(length, dtype=np.int64)
         filled = 0
-        sequence = int(np.searchsorted(self.ends, start, side="right"))
+        sequence = self._sequence_at(start)
         while filled < length:
-            begin = int(self.ends[sequence]) - int(self.dataset.lengths[sequence])
-            offset = start + filled - begin
+            offset = start + filled - int(self._begin(sequence))
             piece = self.dataset.get(sequence, offset, min(length - filled, int(self.dataset.lengths[sequence]) - offset))
             out[filled : filled + len(piece)] = piece
             filled += len(piece)
@@ -199,6 +217,22 @@ class PackedWindows(_Windows):
             raise UserInputError(f"--dataset_path {self.dataset.prefix}: token id {int(out.max())} near stream position "
                                  f"{start} is outside the model's vocabulary of {self.vocab_size}")
         return torch.from_numpy(out)
+
+
+def _back_to_back(dataset: IndexedDataset, chunk: int = 1 << 20) -> bool:
+    """Whether sequence i + 1 starts in P.bin where sequence i ends, for every i (read a
+    chunk of the index at a time, so the check holds no corpus-sized array)."""
+    pointers, lengths = dataset.pointers, dataset.lengths
+    if len(pointers) == 0:
+        return True
+    if int(pointers[0]) != 0:
+        return False
+    for lo in range(0, len(pointers) - 1, chunk):
+        hi = min(lo + chunk, len(pointers) - 1)
+        if not np.array_equal(pointers[lo + 1 : hi + 1],
+                              pointers[lo:hi] + lengths[lo:hi].astype(np.int64) * dataset.dtype.itemsize):
+            return False
+    return True
 
 
 class BlendedWindows(_Windows):

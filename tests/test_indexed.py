@@ -103,6 +103,43 @@ def test_reader_cuts_the_stream_of_sequences_into_windows(shards, tokenizer, tok
     assert not data.dataset.get(0).flags.owndata
 
 
+@pytest.mark.parametrize("layout", ["back to back", "with gaps and empty sequences"])
+def test_windows_follow_the_sequences_in_index_order_whatever_their_place_in_the_bin(tmp_path, layout):
+    """Windows are found by searching the index's byte pointers (Megatron's back-to-back layout)
+    or, for an index whose sequences are not back to back, offsets computed from the lengths."""
+    from owlore_ds.data import PackedWindows
+
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, 1000, size=n).tolist() for n in (7, 0, 13, 1, 30, 0, 0, 9, 25)]
+    stream = [t for seq in sequences for t in seq]
+    prefix = tmp_path / "corpus"
+    if layout == "back to back":
+        write_megatron(prefix, [[seq] for seq in sequences])
+    else:  # each sequence after a gap of 3 tokens, written out of the index's order
+        pointers, data = [], bytearray()
+        for seq in reversed(sequences):
+            data += np.zeros(3, "<u2").tobytes()
+            pointers.append(len(data))
+            data += np.asarray(seq, "<u2").tobytes()
+        pointers.reverse()
+        Path(f"{prefix}.bin").write_bytes(bytes(data))
+        with open(f"{prefix}.idx", "wb") as fh:
+            fh.write(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, len(sequences), len(sequences) + 1))
+            fh.write(np.asarray([len(seq) for seq in sequences], "<i4").tobytes())
+            fh.write(np.asarray(pointers, "<i8").tobytes())
+            fh.write(np.arange(len(sequences) + 1, dtype="<i8").tobytes())
+    windows = PackedWindows(IndexedDataset(str(prefix)), 8, 1000, document_attention=True)
+    assert len(windows) == len(stream) // 8
+    for row in range(len(windows)):
+        assert windows.window(row).tolist() == stream[row * 8 : (row + 1) * 8]
+    starts = np.cumsum([0] + [len(seq) for seq in sequences])[:-1]
+    for row in range(len(windows)):
+        restarts = {0} | {int(p) - row * 8 for p in starts if row * 8 < p < (row + 1) * 8}
+        positions = windows.window_positions(row).tolist()
+        assert {i for i, p in enumerate(positions) if p == 0} == restarts, row
+    assert windows.tokens(3, 60).tolist() == stream[3:63]
+
+
 def test_calibration_windows_come_from_the_packed_stream(shards, tokenizer, tokenizer_dir, tmp_path):
     prefix, stream = shards
     data = load_training_data(str(prefix), tokenizer, str(tokenizer_dir), 32, str(tmp_path / "cache"), len(tokenizer))
