@@ -529,17 +529,14 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     shapes, owners, always = _layerwise_plan(s, n, active, freeze_embeddings)
     per_rank = [0] * n
     owned_numel = [0] * n
-    largest_item = [(0, ())] * n
     for key, owner in owners.items():
         per_rank[owner] += item_state(shapes[key])
         owned_numel[owner] += math.prod(shapes[key])
-        largest_item[owner] = max(largest_item[owner], (math.prod(shapes[key]), shapes[key]))
     for numel in always:  # always-trained tensors: chunk r (ZeRO-3's partition) on rank r
         for r, (lo, hi) in enumerate(chunk_bounds(numel, n)):
             c = hi - lo
             per_rank[r] += c * (2 * state_bytes + (FP32 if master else 0))
             owned_numel[r] += c
-            largest_item[r] = max(largest_item[r], (c, (c,)))
     heaviest = max(range(n), key=lambda r: (per_rank[r], r))
     est.optimizer_state_bytes = max(per_rank)
     est.master_weights = FP32 * owned_numel[heaviest] if master else 0
@@ -557,24 +554,41 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     # (without a master); GaLore: the full-size update projected back, and at a projector
     # refresh the SVD of the matrix. Under ZeRO-3 the owner gathers a whole matrix (the
     # partitions and their concatenation) and scatters it back (padded copy and partition).
-    numel, shape = max(largest_item[r] for r in range(n))
-    workspace = state_bytes * numel
-    workspace += FP32 * numel if w != FP32 and not master and not pure else 0
-    if low_rank:
-        matrices = [shapes[k] for k in shapes if len(shapes[k]) == 2]
-        if matrices:
-            workspace = max(workspace, max(_galore_workspace(m, galore_rank, w != FP32 and not master, state_bytes)
-                                           for m in matrices))
-    if stage == 3:
-        workspace += 3 * w * max(math.prod(shape) for shape in shapes.values()) if shapes else 0
-    est.step_workspace = workspace
+    def item_workspace(numel: int, shape: tuple[int, ...], whole_matrix: bool) -> int:
+        if low_rank and len(shape) == 2:
+            workspace = _galore_workspace(shape, galore_rank, w != FP32 and not master, state_bytes)
+        else:
+            workspace = state_bytes * numel + (FP32 * numel if w != FP32 and not master and not pure else 0)
+        return workspace + (3 * w * numel if stage == 3 and whole_matrix else 0)
+
+    # LayerwiseOptimizer.step updates a rank's items in items() order (the always-trained
+    # chunks, then the active layers' tensors) and drops each summed fp32 gradient once its
+    # item is updated, so beside an item's temporaries are its own gradient and those of the
+    # items after it, not the whole owned share. pure_bf16: _update rounds the item's gradient
+    # to bf16 and the fp32 sum goes with it (step pops it from its dict into the call, so
+    # _update's `grad` was the last reference; on CPU the fp32 gradient of a 4096 x 1536 item
+    # was measured gone, its bf16 copy there, when its SVD began).
+    def step_moment(r: int) -> tuple[int, int]:
+        """(gradient and temporary bytes at rank r's worst item, that item's temporaries)."""
+        order = [(hi - lo, (hi - lo,), False) for lo, hi in (chunk_bounds(numel, n)[r] for numel in always)]
+        order += [(math.prod(shapes[k]), shapes[k], True) for k in shapes if owners[k] == r]
+        left = FP32 * sum(numel for numel, _, _ in order)
+        worst = (0, 0)
+        for numel, shape, whole in order:
+            held = left - (FP32 - w) * numel if pure else left
+            workspace = item_workspace(numel, shape, whole)
+            worst = max(worst, (held + workspace, workspace))
+            left -= FP32 * numel
+        return worst
+
+    step, est.step_workspace = max((est.weights + per_rank[r] + held, workspace)
+                                   for r, (held, workspace) in enumerate(map(step_moment, range(n))))
     acts, which = _activations(s, micro, block, w, checkpointing, trainable_layers=active,
                                lm_head_trained=not freeze_embeddings)
     est.activations = acts
     est.comm_buffers = _zero3_gathered(s, w, live) if stage == 3 and n > 1 else 0
     state = est.master_weights + est.optimizer_state
     backward = est.weights + state + est.gradients + est.comm_buffers + acts
-    step = est.weights + state + FP32 * owned_numel[heaviest] + est.step_workspace
     est.peak, est.peak_phase = max((backward, f"backward: {which}"), (step, "step"))
     return est
 
@@ -585,16 +599,19 @@ def _galore_workspace(shape: tuple[int, int], rank: int, bf16_no_master: bool, d
 
     torch.linalg.svd(G, full_matrices=False) returns U (m x k), S (k), Vh (k x n), k=min(m,n),
     and LAPACK's gesdd works on a copy of G with a workspace of about 4k^2 + 7k more (its
-    documented lwork for JOBZ='S' with m >> n is 4k^2 + 7k plus the copy). Then the update:
-    the projected gradient and the normalized step (moment-sized), and the full m x n update
-    projected back.
+    documented lwork for JOBZ='S' with m >> n is 4k^2 + 7k plus the copy). With pure_bf16 the
+    gradient is bf16 and compute_projector runs the SVD on its fp32 copy (grad.to(float32)),
+    which lives beside the SVD's own: one more fp32 m x n on every device (measured on CPU:
+    the projector of a bf16 4096 x 1536 gradient peaks 24.0 MiB above that of an fp32 one).
+    Then the update: the projected gradient and the normalized step (moment-sized), and the
+    full m x n update projected back.
     """
     m, n = shape
     k = min(m, n)
     r = min(rank, m, n)
-    svd = FP32 * (m * n + m * k + k + k * n + 4 * k * k + 7 * k)
-    moment = (m * r) if m >= n else (r * n)
     pure = dtype_bytes != FP32  # pure_bf16: the update in bf16, no fp32 copy of the weights
+    svd = FP32 * ((2 if pure else 1) * m * n + m * k + k + k * n + 4 * k * k + 7 * k)
+    moment = (m * r) if m >= n else (r * n)
     update = dtype_bytes * (2 * moment + m * n) + (FP32 * m * n if bf16_no_master and not pure else 0)
     return max(svd, update)
 
