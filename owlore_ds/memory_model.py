@@ -39,6 +39,16 @@ GB = 1e9
 #   in max_memory_allocated: 4096 KiB x 8 chunks on sm90 (torch's default
 #   CUBLAS_WORKSPACE_CONFIG), the CUDA context itself is not counted by max allocated.
 RUNTIME_OVERHEAD = {"cpu": 31 * 2**20, "cuda": 32 * 2**20}
+# CPU with bf16 weights adds a fixed amount: on x86 CPUs with AVX-512, torch runs bf16 GEMMs
+# through oneDNN (torch.backends.mkldnn), which keeps each primitive it creates (JIT code and
+# buffers, about 1 MiB per distinct GEMM shape and pass) cached for the life of the process.
+# Not a tensor and not proportional to the layer size: bf16 minus fp32 peaks of the same runs
+# were +15.5 and +13.2 MiB (owlore 1 rank, lisa 2 ranks) on a 0.2M-parameter Llama and
+# 12-19 MiB of non-tensor resident memory on the 77M one of tests/test_memory_model.py; with
+# torch.backends.mkldnn.enabled = False the bf16 runs measure what the fp32 ones do (32.3
+# against 33.7, 27.2 against 28.0 MiB). CUDA's bf16 GEMMs (cuBLAS) share RUNTIME_OVERHEAD's
+# workspace; CPUs where torch does not use oneDNN for bf16 (no AVX-512) do not have this either.
+CPU_BF16_KERNELS = 15 * 2**20
 
 
 @dataclass
@@ -52,7 +62,7 @@ class MemoryEstimate:
     activations: int = 0  # saved for backward at their largest, incl. the loss' fp32 logits
     comm_buffers: int = 0  # DeepSpeed reduce buckets, ZeRO-3 gathered parameters
     step_workspace: int = 0  # temporaries of the optimizer step (AdamW's sqrt, GaLore's SVD)
-    runtime_overhead: int = 0  # fixed: see RUNTIME_OVERHEAD
+    runtime_overhead: int = 0  # fixed: see RUNTIME_OVERHEAD and CPU_BF16_KERNELS
     peak: int = 0
     optimizer_state_bytes: int = 0  # what the trainer's optimizer_state_bytes metric reports
     peak_phase: str = ""  # "backward" or "step": which moment sets the peak
@@ -312,8 +322,9 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
 
     `device` ("cuda" or "cpu") decides the two things that differ between them: torch
     AdamW's temporaries (foreach on CUDA, single-tensor on CPU) and the fixed runtime
-    overhead (RUNTIME_OVERHEAD). `offload` models ZeRO-Offload of the optimizer (state and
-    master weights on the host, not counted on the device).
+    overhead (RUNTIME_OVERHEAD, plus CPU_BF16_KERNELS for bf16 on CPU). `offload` models
+    ZeRO-Offload of the optimizer (state and master weights on the host, not counted on the
+    device).
     """
     _check(method, world_size, zero_stage, precision, micro_batch_size, block_size, master_weights, galore_rank,
            lisa_activated_layers, lora_r, device)
@@ -342,6 +353,7 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
     else:
         load = 0
     result.runtime_overhead = RUNTIME_OVERHEAD[device]
+    result.runtime_overhead += CPU_BF16_KERNELS if device == "cpu" and precision == "bf16" else 0
     result.peak += result.runtime_overhead
     # The load comes before the engine, autograd and the first step touch what
     # RUNTIME_OVERHEAD stands for, so it is compared without it.
