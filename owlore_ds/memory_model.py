@@ -582,7 +582,8 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     # was measured gone, its bf16 copy there, when its SVD began).
     def step_moment(r: int) -> tuple[int, int]:
         """(gradient and temporary bytes at rank r's worst item, that item's temporaries)."""
-        order = [(hi - lo, (hi - lo,), False) for lo, hi in (chunk_bounds(numel, n)[r] for numel in always)]
+        order = [(hi - lo, (hi - lo,), False) for numel in always
+                 for rank, (lo, hi) in enumerate(chunk_bounds(numel, n)) if rank == r]
         order += [(math.prod(shapes[k]), shapes[k], True) for k in shapes if owners[k] == r]
         left = FP32 * sum(numel for numel, _, _ in order)
         worst = (0, 0)
