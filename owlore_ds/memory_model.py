@@ -39,6 +39,16 @@ GB = 1e9
 #   in max_memory_allocated: 4096 KiB x 8 chunks on sm90 (torch's default
 #   CUBLAS_WORKSPACE_CONFIG), the CUDA context itself is not counted by max allocated.
 RUNTIME_OVERHEAD = {"cpu": 31 * 2**20, "cuda": 32 * 2**20}
+# CPU with bf16 weights adds a fixed amount: on x86 CPUs with AVX-512, torch runs bf16 GEMMs
+# through oneDNN (torch.backends.mkldnn), which keeps each primitive it creates (JIT code and
+# buffers, about 1 MiB per distinct GEMM shape and pass) cached for the life of the process.
+# Not a tensor and not proportional to the layer size: bf16 minus fp32 peaks of the same runs
+# were +15.5 and +13.2 MiB (owlore 1 rank, lisa 2 ranks) on a 0.2M-parameter Llama and
+# 12-19 MiB of non-tensor resident memory on the 77M one of tests/test_memory_model.py; with
+# torch.backends.mkldnn.enabled = False the bf16 runs measure what the fp32 ones do (32.3
+# against 33.7, 27.2 against 28.0 MiB). CUDA's bf16 GEMMs (cuBLAS) share RUNTIME_OVERHEAD's
+# workspace; CPUs where torch does not use oneDNN for bf16 (no AVX-512) do not have this either.
+CPU_BF16_KERNELS = 15 * 2**20
 
 
 @dataclass
@@ -52,7 +62,7 @@ class MemoryEstimate:
     activations: int = 0  # saved for backward at their largest, incl. the loss' fp32 logits
     comm_buffers: int = 0  # DeepSpeed reduce buckets, ZeRO-3 gathered parameters
     step_workspace: int = 0  # temporaries of the optimizer step (AdamW's sqrt, GaLore's SVD)
-    runtime_overhead: int = 0  # fixed: see RUNTIME_OVERHEAD
+    runtime_overhead: int = 0  # fixed: see RUNTIME_OVERHEAD and CPU_BF16_KERNELS
     peak: int = 0
     optimizer_state_bytes: int = 0  # what the trainer's optimizer_state_bytes metric reports
     peak_phase: str = ""  # "backward" or "step": which moment sets the peak
@@ -319,8 +329,9 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
 
     `device` ("cuda" or "cpu") decides the two things that differ between them: torch
     AdamW's temporaries (foreach on CUDA, single-tensor on CPU) and the fixed runtime
-    overhead (RUNTIME_OVERHEAD). `offload` models ZeRO-Offload of the optimizer (state and
-    master weights on the host, not counted on the device).
+    overhead (RUNTIME_OVERHEAD, plus CPU_BF16_KERNELS for bf16 on CPU). `offload` models
+    ZeRO-Offload of the optimizer (state and master weights on the host, not counted on the
+    device).
     """
     _check(method, world_size, zero_stage, precision, micro_batch_size, block_size, master_weights, galore_rank,
            lisa_activated_layers, lora_r, device)
@@ -352,6 +363,7 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
     else:
         load = 0
     result.runtime_overhead = RUNTIME_OVERHEAD[device]
+    result.runtime_overhead += CPU_BF16_KERNELS if device == "cpu" and precision == "bf16" else 0
     result.peak += result.runtime_overhead
     # The load comes before the engine, autograd and the first step touch what
     # RUNTIME_OVERHEAD stands for, so it is compared without it.
@@ -541,17 +553,14 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     shapes, owners, always = _layerwise_plan(s, n, active, freeze_embeddings)
     per_rank = [0] * n
     owned_numel = [0] * n
-    largest_item = [(0, ())] * n
     for key, owner in owners.items():
         per_rank[owner] += item_state(shapes[key])
         owned_numel[owner] += math.prod(shapes[key])
-        largest_item[owner] = max(largest_item[owner], (math.prod(shapes[key]), shapes[key]))
     for numel in always:  # always-trained tensors: chunk r (ZeRO-3's partition) on rank r
         for r, (lo, hi) in enumerate(chunk_bounds(numel, n)):
             c = hi - lo
             per_rank[r] += c * (2 * state_bytes + (FP32 if master else 0))
             owned_numel[r] += c
-            largest_item[r] = max(largest_item[r], (c, (c,)))
     heaviest = max(range(n), key=lambda r: (per_rank[r], r))
     est.optimizer_state_bytes = max(per_rank)
     est.master_weights = FP32 * owned_numel[heaviest] if master else 0
@@ -564,35 +573,63 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     # GradientReducer._accumulate keeps a single micro-batch's whole gradient as it came (on
     # N > 1 ranks the owner's reduced pieces are summed into fp32, the reduce dtype's default).
     accumulator_bytes = w if n == 1 and accumulation == 1 else FP32
+
+    def item_workspace(numel: int, shape: tuple[int, ...], whole_matrix: bool) -> int:
+        """The update of one item: AdamW's one temporary (sqrt, then divided and shifted in
+        place), plus with bf16 weights not pure_bf16 the fp32 copy of the weights (without a
+        master); GaLore: the full-size update projected back, and at a projector refresh the
+        SVD of the matrix. Under ZeRO-3 the owner gathers a whole matrix (the partitions and
+        their concatenation) and scatters it back (padded copy and partition). Not pure_bf16,
+        _update works on an fp32 copy of a gradient kept in bf16."""
+        if low_rank and len(shape) == 2:
+            workspace = _galore_workspace(shape, galore_rank, w != FP32 and not master, state_bytes)
+        else:
+            workspace = state_bytes * numel + (FP32 * numel if w != FP32 and not master and not pure else 0)
+        workspace += 0 if pure else (FP32 - accumulator_bytes) * numel
+        return workspace + (3 * w * numel if stage == 3 and whole_matrix else 0)
+
+    def rank_items(r: int) -> list[tuple[int, tuple[int, ...], bool]]:
+        """(numel, shape, whole matrix) of rank r's items in LayerwiseOptimizer.items() order:
+        the always-trained chunks, then the active layers' tensors."""
+        order = [(hi - lo, (hi - lo,), False) for numel in always
+                 for rank, (lo, hi) in enumerate(chunk_bounds(numel, n)) if rank == r]
+        return order + [(math.prod(shapes[k]), shapes[k], True) for k in shapes if owners[k] == r]
+
+    # LayerwiseOptimizer.step updates a rank's items in order and drops each summed gradient
+    # once its item is updated, so beside an item's temporaries are its own gradient and those
+    # of the items after it, not the whole owned share. pure_bf16: _update rounds the item's
+    # gradient to bf16 and the fp32 sum goes with it (step pops it from its dict into the
+    # call, so _update's `grad` was the last reference; on CPU the fp32 gradient of a 4096 x
+    # 1536 item was measured gone, its bf16 copy there, when its SVD began).
+    def step_moment(r: int) -> tuple[int, int]:
+        """(gradient and temporary bytes at rank r's worst item, that item's temporaries)."""
+        order = rank_items(r)
+        left = accumulator_bytes * sum(numel for numel, _, _ in order)
+        worst = (0, 0)
+        for numel, shape, whole in order:
+            held = left - (accumulator_bytes - w) * numel if pure else left
+            workspace = item_workspace(numel, shape, whole)
+            worst = max(worst, (held + workspace, workspace))
+            left -= accumulator_bytes * numel
+        return worst
+
+    # Owned share in its accumulators and the buckets in flight; besides them the one gradient
+    # autograd has made and the hook not yet taken, which depends on the moment (below).
     in_backward = update_in_backward and accumulation == 1
     if in_backward:
         # Each item is updated and its gradient freed once complete: on one rank at once; on
         # more when the bucket holding its last piece completes, so at most the items of the
         # two buckets around it (bounded by the two largest owned items) are summed at a time.
-        largest_owned = max(largest_item[r][0] for r in range(n))
+        items = [item for r in range(n) for item in rank_items(r)]
+        largest_owned = max(numel for numel, _, _ in items)
         accumulated = accumulator_bytes * (1 if n == 1 else 2) * largest_owned
+        step, est.step_workspace = 0, max(item_workspace(*item) for item in items)
     else:
         accumulated = accumulator_bytes * max(owned_numel)
+        step, est.step_workspace = max((est.weights + per_rank[r] + held, workspace)
+                                       for r, (held, workspace) in enumerate(map(step_moment, range(n))))
     accumulated += _gradients_in_flight(n, _reduce_bucket(s), reduce_bytes)
     largest_layer_item = max(math.prod(shape) for shape in shapes.values()) if shapes else 0
-    # The update of one item at a time: AdamW's one temporary (sqrt, then divided and
-    # shifted in place), plus with bf16 weights not pure_bf16 the fp32 copy of the weights
-    # (without a master); GaLore: the full-size update projected back, and at a projector
-    # refresh the SVD of the matrix. Under ZeRO-3 the owner gathers a whole matrix (the
-    # partitions and their concatenation) and scatters it back (padded copy and partition).
-    numel, shape = max(largest_item[r] for r in range(n))
-    workspace = state_bytes * numel
-    workspace += FP32 * numel if w != FP32 and not master and not pure else 0
-    if low_rank:
-        matrices = [shapes[k] for k in shapes if len(shapes[k]) == 2]
-        if matrices:
-            workspace = max(workspace, max(_galore_workspace(m, galore_rank, w != FP32 and not master, state_bytes)
-                                           for m in matrices))
-    if accumulator_bytes != FP32 and not pure:  # _update's fp32 copy of the item's bf16 gradient
-        workspace += FP32 * numel
-    if stage == 3:
-        workspace += 3 * w * max(math.prod(shape) for shape in shapes.values()) if shapes else 0
-    est.step_workspace = workspace
     # Three moments of backward (as _lomo): the loss' (the final norm's and logits' tensors,
     # no parameter gradient yet), a layer's (its recompute and temporaries, one of its
     # gradients) and lm_head's or the embeddings' gradient after the layers' activations.
@@ -610,7 +647,6 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     if in_backward:  # the updates, and their workspace, happen inside backward; the step holds nothing more
         est.peak, est.peak_phase = backward + est.step_workspace, which + " + update"
         return est
-    step = est.weights + state + accumulator_bytes * owned_numel[heaviest] + est.step_workspace
     est.peak, est.peak_phase = max((backward, which), (step, "step"))
     return est
 
@@ -621,16 +657,19 @@ def _galore_workspace(shape: tuple[int, int], rank: int, bf16_no_master: bool, d
 
     torch.linalg.svd(G, full_matrices=False) returns U (m x k), S (k), Vh (k x n), k=min(m,n),
     and LAPACK's gesdd works on a copy of G with a workspace of about 4k^2 + 7k more (its
-    documented lwork for JOBZ='S' with m >> n is 4k^2 + 7k plus the copy). Then the update:
-    the projected gradient and the normalized step (moment-sized), and the full m x n update
-    projected back.
+    documented lwork for JOBZ='S' with m >> n is 4k^2 + 7k plus the copy). With pure_bf16 the
+    gradient is bf16 and compute_projector runs the SVD on its fp32 copy (grad.to(float32)),
+    which lives beside the SVD's own: one more fp32 m x n on every device (measured on CPU:
+    the projector of a bf16 4096 x 1536 gradient peaks 24.0 MiB above that of an fp32 one).
+    Then the update: the projected gradient and the normalized step (moment-sized), and the
+    full m x n update projected back.
     """
     m, n = shape
     k = min(m, n)
     r = min(rank, m, n)
-    svd = FP32 * (m * n + m * k + k + k * n + 4 * k * k + 7 * k)
-    moment = (m * r) if m >= n else (r * n)
     pure = dtype_bytes != FP32  # pure_bf16: the update in bf16, no fp32 copy of the weights
+    svd = FP32 * ((2 if pure else 1) * m * n + m * k + k + k * n + 4 * k * k + 7 * k)
+    moment = (m * r) if m >= n else (r * n)
     update = dtype_bytes * (2 * moment + m * n) + (FP32 * m * n if bf16_no_master and not pure else 0)
     return max(svd, update)
 

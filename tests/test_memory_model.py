@@ -77,16 +77,29 @@ def test_prediction_matches_measurement(tmp_path, model_77m, task_data, method, 
 def test_pure_bf16_prediction_matches_measurement(tmp_path, model_77m, task_data, method, nproc):
     """The reference's pure-bf16 policy: bf16 weights, moments and projectors, no fp32 copies.
 
-    Known gap: these bf16 runs measure 12-16% (40-54 MiB) above the prediction on a 2-core
-    AMD EPYC, a bf16 term of the CPU kernels that grows with the layer size, not yet found;
-    the fp32 runs above agree within 6%. The state bytes are exact.
+    The state bytes are exact. The peak is owlore's at a projector refresh (step 1: the SVD of
+    the first 4096 x 1536 matrix, on the fp32 copy of its bf16 gradient) and lisa's in the
+    backward of the active layer's MLP. What the model leaves out or bounds, in MiB, against
+    predicted peaks of 382 (owlore) and 333 (lisa):
+    - fixed bytes (RUNTIME_OVERHEAD + CPU_BF16_KERNELS, 46): measured 41.4-49.6 over these
+      two methods on a 0.2M-parameter Llama, -5..+5;
+    - owlore: LAPACK's SVD workspace, gesdd's at 4096 x 1536 measured 92.9-96.6 against the
+      93.1 of _galore_workspace, 0..+4; the step counts every item's state, which at step 1
+      the items after the SVD's do not have yet, -4;
+    - lisa: the backward moment adds the gradients' most (the reducer's own high-water mark,
+      67.5, against the model's 69) to the activations' most (8.2), which need not coincide,
+      and counts the embedding chunk that backward reaches last: -10..0;
+    - allocations under MALLOC_MMAP_THRESHOLD_ stay in glibc's heap: 0..+3.
+    That is -9..+12 (owlore) and -15..+8 (lisa), within 4.5%; on a CPU without AVX-512, where
+    torch does not run bf16 GEMMs through oneDNN, CPU_BF16_KERNELS' 15 MiB is absent too
+    (-4.5%): at most 9% either way, so the 10% of the fp32 rows holds here as well.
     """
     _check_prediction(tmp_path, model_77m, task_data, method, nproc, ZERO2, precision="bf16",
-                      master_weights="pure_bf16", peak_tolerance=0.2)
+                      master_weights="pure_bf16")
 
 
 def _check_prediction(tmp_path, model_77m, task_data, method: str, nproc: int, deepspeed: Path,
-                      precision: str = "fp32", master_weights: str = "fp32", peak_tolerance: float = 0.10) -> None:
+                      precision: str = "fp32", master_weights: str = "fp32") -> None:
     from transformers import AutoConfig
 
     out = tmp_path / "out"
@@ -111,7 +124,7 @@ def _check_prediction(tmp_path, model_77m, task_data, method: str, nproc: int, d
           f"measured {measured_peak / 2**20:.1f} MiB ({measured_peak / predicted.peak - 1:+.1%})")
     # The model's terms must dominate, or agreement would say nothing.
     assert predicted.peak > 3 * RUNTIME_OVERHEAD["cpu"]
-    assert predicted.peak == pytest.approx(measured_peak, rel=peak_tolerance), (
+    assert predicted.peak == pytest.approx(measured_peak, rel=0.10), (
         f"predicted {predicted.peak / 2**20:.1f} MiB, measured {measured_peak / 2**20:.1f} MiB\n"
         + format_table({method: predicted}, unit=2**20))
 
