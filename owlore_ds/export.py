@@ -103,21 +103,26 @@ class _Source:
                 yield _read(span, start, min(step, span.numel - start))
 
     def whole(self) -> torch.Tensor:
-        return torch.cat([p.float() for p in self.pieces()]).view(self.shape) if self.numel else torch.zeros(self.shape)
+        """The tensor in fp32 (one copy: the pieces are copied into it as they are read)."""
+        out = torch.empty(self.numel, dtype=torch.float32)
+        done = 0
+        for piece in self.pieces():
+            out[done : done + piece.numel()] = piece
+            done += piece.numel()
+        return out.view(self.shape)
 
 
-def _take(parts: list[tuple[_Span, int]], lo: int, count: int) -> list[_Span]:
-    """Elements [lo, lo + count) of the concatenation of `parts` ((span, its length) pairs),
-    as spans."""
+def _take(parts: list[_Span], lo: int, count: int) -> list[_Span]:
+    """Elements [lo, lo + count) of the concatenation of `parts`, as spans."""
     spans, start = [], 0
-    for span, length in parts:
-        a, b = max(lo, start), min(lo + count, start + length)
+    for span in parts:
+        a, b = max(lo, start), min(lo + count, start + span.numel)
         if b > a:
             size = torch.tensor([], dtype=span.dtype).element_size()
             spans.append(_Span(span.path, span.offset + (a - start) * size, b - a, span.dtype))
-        start += length
+        start += span.numel
     if sum(s.numel for s in spans) != count:
-        raise UserInputError(f"{parts[0][0].path}: a tensor runs past the end of its flat partition")
+        raise UserInputError(f"{parts[0].path}: a tensor runs past the end of its flat partition")
     return spans
 
 
@@ -253,15 +258,14 @@ def _zero_sources(folder: str) -> tuple[dict[str, _Source], dict[str, str]]:
         shapes = model.obj["param_shapes"]
         paddings = states[0].get("param_alignment_paddings")
         for g, group in enumerate(shapes):
-            spans = [o.span(s["single_partition_of_fp32_groups"][g]) for o, s in zip(optims, states)]
-            parts = [(span, span.numel) for span in spans]
+            parts = [o.span(s["single_partition_of_fp32_groups"][g]) for o, s in zip(optims, states)]
             offset = 0
             for i, (name, shape) in enumerate(group.items()):
                 shape = tuple(int(d) for d in shape)
                 sources[name] = _Source(shape, _take(parts, offset, math.prod(shape)))
                 offset += math.prod(shape) + (paddings[g][i] if paddings is not None else 0)
             align = 2 * world  # zero_to_fp32's check: both round up to 2 * world size
-            available = sum(length for _, length in parts)
+            available = sum(span.numel for span in parts)
             if -(-offset // align) * align != -(-available // align) * align:
                 raise UserInputError(f"{folder}: group {g} holds {available} elements; its parameters take {offset}")
         shared = dict(model.obj.get("shared_params") or {})
@@ -276,10 +280,7 @@ def _zero_sources(folder: str) -> tuple[dict[str, _Source], dict[str, str]]:
         models = [_TorchFile(f) for f in model_files]
         if len(models) != world:
             raise UserInputError(f"{folder}: {len(models)} model files for {world} ranks (a partial checkpoint)")
-        flat = []
-        for o, s in zip(optims, states):
-            spans = [o.span(t) for t in s["fp32_flat_groups"]]
-            flat.append([(span, span.numel) for span in spans])
+        flat = [[o.span(t) for t in s["fp32_flat_groups"]] for o, s in zip(optims, states)]  # per rank
         offset = 0
         for group in models[0].obj["param_shapes"]:
             for name, shape in group.items():
@@ -292,13 +293,12 @@ def _zero_sources(folder: str) -> tuple[dict[str, _Source], dict[str, str]]:
                         spans += _take(flat[r], offset, count)
                 sources[name] = _Source(shape, spans)
                 offset += per_rank
-        available = sum(length for _, length in flat[0])
+        available = sum(span.numel for span in flat[0])
         if offset != available:
             raise UserInputError(f"{folder}: each rank holds {available} elements; the parameters take {offset}")
         for name, shape in (models[0].obj.get("frozen_param_shapes") or {}).items():
             shape = tuple(int(d) for d in shape)
-            spans = [m.span(m.obj["frozen_param_fragments"][name]) for m in models]
-            parts = [(span, span.numel) for span in spans]
+            parts = [m.span(m.obj["frozen_param_fragments"][name]) for m in models]
             sources[name] = _Source(shape, _take(parts, 0, math.prod(shape)))
         shared = dict(models[0].obj.get("shared_params") or {})
     else:
