@@ -228,6 +228,9 @@ class _TorchFile:
                 tuple(s for s, d in zip(expected_stride, tensor.shape) if d > 1):
             raise UserInputError(f"{self.path}: a non-contiguous tensor")
         size = torch.tensor([], dtype=tensor.storage.dtype).element_size()
+        if tensor.storage.key not in self._records or \
+                (tensor.offset + tensor.numel) * size > self._records[tensor.storage.key].file_size:
+            raise UserInputError(f"{self.path}: a tensor runs past its record {tensor.storage.key}")
         return _Span(self.path, self._record_offset(tensor.storage.key) + tensor.offset * size, tensor.numel,
                      tensor.storage.dtype)
 
