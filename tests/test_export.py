@@ -130,6 +130,22 @@ def test_zero_checkpoint_converts_to_deepspeeds_own_weights(tmp_path, tiny_llama
         _assert_equal(_read_with_safetensors(masters), _deepspeed_reconstruction(checkpoint))
 
 
+def test_checkpoint_without_zero_converts_to_its_saved_module(tmp_path, tiny_llama, task_data):
+    """ZeRO stage 0 (plain data parallel): the weights are the saved module's, as torch.load reads them."""
+    config = json.loads(ZERO[2].read_text())
+    config["zero_optimization"] = {"stage": 0}
+    (tmp_path / "zero0.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    run_training(common_args(tiny_llama, task_data, out, deepspeed=tmp_path / "zero0.json", max_steps=2,
+                             per_device_train_batch_size=2), nproc=2)
+    checkpoint = out / "checkpoint-2"
+    module = torch.load(checkpoint / "global_step2" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    _convert(checkpoint, tmp_path / "hf", "--max_shard_size", "40KB")
+    exported = _read_with_safetensors(tmp_path / "hf")
+    _assert_equal(exported, {name: module[name] for name in exported})
+    _assert_equal(exported, final_weights(out))
+
+
 def test_streaming_writer_reads_back_with_safetensors(tmp_path):
     """Header first, then the data a piece at a time (pieces far smaller than a tensor here):
     safetensors' reader accepts the file and gets every tensor back, any dtype and shape."""
