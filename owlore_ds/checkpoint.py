@@ -547,12 +547,6 @@ class WeightReader:
         return rows.reshape(-1)[lo - first * row : hi - first * row]
 
 
-def read_full_weights(path: str) -> dict[str, torch.Tensor]:
-    """Every weight of a checkpoint that holds its weights (for export)."""
-    reader = WeightReader(path)
-    return {name: reader.tensor(name) for name in sorted(reader.files)}
-
-
 def load_full_weights(module: torch.nn.Module, path: str) -> None:
     """Loads a checkpoint's weight files into `module`. Under ZeRO-3 each rank reads only its
     own partition of every tensor (and the whole of those DeepSpeed keeps whole), so no rank
