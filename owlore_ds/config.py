@@ -81,6 +81,9 @@ class TrainConfig:
     # Checkpoints and logging
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N optimizer steps; 0 saves only at the end"})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep at most N checkpoints"})
+    export_max_shard_size: str = field(default="5GB", metadata={
+        "help": "largest safetensors shard of OUT/final (as save_pretrained's max_shard_size); the ranks write "
+                "the shards in turn"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "'auto' or a checkpoint folder"})
     logging_steps: int = field(default=10, metadata={"help": "console log every N steps (metrics.jsonl has every step)"})
     report_to: str = field(default="none", metadata={"help": f"one of {', '.join(REPORT_TO)}"})
@@ -221,6 +224,9 @@ class TrainConfig:
             raise UserInputError("--save_steps and --warmup_steps must be >= 0 and --logging_steps >= 1")
         if self.ddp_timeout < 1:
             raise UserInputError(f"--ddp_timeout must be at least 1 second, got {self.ddp_timeout}")
+        from owlore_ds.export import parse_size
+
+        parse_size(self.export_max_shard_size, "--export_max_shard_size")  # bad input fails before training
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise UserInputError(f"--save_total_limit must be at least 1, got {self.save_total_limit}")
         if self.overwrite_output_dir and self.resume_from_checkpoint not in (None, "auto"):

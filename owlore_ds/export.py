@@ -467,18 +467,23 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
 
 
 def write_weights(sources: dict[str, _Source], folder: str, dtype: torch.dtype, max_shard_bytes: int,
-                  piece_bytes: int = PIECE_BYTES) -> list[str]:
+                  piece_bytes: int = PIECE_BYTES, share: tuple[int, int] = (0, 1)) -> list[str]:
     """`model.safetensors`, or `model-0000k-of-0000n.safetensors` shards and
-    `model.safetensors.index.json` (as save_pretrained names them); returns the files."""
+    `model.safetensors.index.json` (as save_pretrained names them); returns the files.
+
+    `share` (i, n): this process writes shards k with k % n == i, share 0 the index too, so n
+    ranks export together (the plan is a function of the sources alone, the same on each)."""
     size = torch.tensor([], dtype=dtype).element_size()
     shards = plan_shards([(name, s.numel * size) for name, s in sources.items()], max_shard_bytes)
     if len(shards) <= 1:
         files = ["model.safetensors"]
     else:
         files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    for file, names in zip(files, shards or [[]]):
-        _write_safetensors(os.path.join(folder, file), [(n, sources[n]) for n in names], dtype, piece_bytes)
-    if len(shards) > 1:
+    mine, shares = share
+    for k, (file, names) in enumerate(zip(files, shards or [[]])):
+        if k % shares == mine:
+            _write_safetensors(os.path.join(folder, file), [(n, sources[n]) for n in names], dtype, piece_bytes)
+    if len(shards) > 1 and mine == 0:
         weight_map = {name: file for file, names in zip(files, shards) for name in names}
         total = sum(s.numel * size for s in sources.values())
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
@@ -508,19 +513,33 @@ def export_checkpoint(checkpoint: str, destination: str, dtype: Optional[str] = 
     checkpoint (any method, ZeRO stage and world size): a piece of one tensor at a time (a
     whole tensor for LoRA's merged matrices), into shards of at most `max_shard_bytes`.
     """
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    state, dtype, sources = plan_export(checkpoint, dtype)  # refuses a mismatched checkpoint before writing
+    tmp = begin_export(destination, overwrite)
+    try:
+        write_weights(sources, tmp, DTYPES[dtype], max_shard_bytes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_export(checkpoint, state, dtype, tmp, destination, overwrite)
 
+
+def plan_export(checkpoint: str, dtype: Optional[str] = None) -> tuple[dict, str, dict[str, _Source]]:
+    """(trainer state, output dtype, where each output tensor comes from) of a checkpoint."""
     state = read_trainer_state(checkpoint, what="checkpoint")
     dtype = dtype or state.get("precision", "fp32")
     if dtype not in DTYPES:
         raise UserInputError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    check_destination(destination, overwrite)
     # Inside a ZeRO-3 training process, from_config would partition the new model
     # across ranks with collectives that only this rank joins.
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
-    sources = output_sources(checkpoint, state)  # refuses a mismatched checkpoint before writing
+    return state, dtype, output_sources(checkpoint, state)
+
+
+def begin_export(destination: str, overwrite: bool) -> str:
+    """Checks DEST and makes the temporary folder the export is written into; returns it."""
+    check_destination(destination, overwrite)
     # A fresh name beside DEST (same filesystem, so the final rename is atomic): no folder
     # of the user's is ever cleared to make room for the temporary one.
     parent = os.path.dirname(os.path.abspath(destination))
@@ -529,8 +548,15 @@ def export_checkpoint(checkpoint: str, destination: str, dtype: Optional[str] = 
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide DEST from the user's group
+    return tmp
+
+
+def finish_export(checkpoint: str, state: dict, dtype: str, tmp: str, destination: str, overwrite: bool) -> str:
+    """Adds config, generation config and tokenizer to the weights in `tmp` and renames it to
+    DEST; removes `tmp` if that fails."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
     try:
-        write_weights(sources, tmp, DTYPES[dtype], max_shard_bytes)
         config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
         config.dtype = DTYPES[dtype]
         config.save_pretrained(tmp)

@@ -17,6 +17,7 @@ import torch
 
 from owlore_ds import checkpoint, distributed as dist, ds_config, methods, metrics, preemption
 from owlore_ds.config import TrainConfig
+from owlore_ds.errors import RunFailure
 from owlore_ds.data import GlobalBatches, TrainingData, load_training_data
 from owlore_ds.layer_sampling import outlier_ratios
 from owlore_ds.modeling import check_block_size, check_document_attention, load_model, load_tokenizer, read_model_config
@@ -165,11 +166,33 @@ class Trainer:
         return self.export_final(final_checkpoint)
 
     def export_final(self, final_checkpoint: str) -> Optional[str]:
-        destination = os.path.join(self.cfg.output_dir, "final")
-        from owlore_ds.export import export_checkpoint
+        """Every rank writes its share of the output shards (shard k by rank k % N), so no rank
+        exports the model while the others wait; rank 0 makes the folder before and adds
+        config and tokenizer and renames it after. A failure anywhere fails every rank."""
+        import shutil
 
-        # Rank 0 exports; a failure there fails every rank at once, not at --ddp_timeout.
-        dist.on_main(lambda: export_checkpoint(final_checkpoint, destination, overwrite=True), f"exporting {destination}")
+        from owlore_ds import export
+        from owlore_ds.modeling import DTYPES
+
+        destination = os.path.join(self.cfg.output_dir, "final")
+        what = f"exporting {destination}"
+        tmp = dist.broadcast_object(dist.on_main(lambda: export.begin_export(destination, overwrite=True), what))
+        failure: Optional[Exception] = None
+        try:
+            state, dtype, sources = export.plan_export(final_checkpoint)
+            export.write_weights(sources, tmp, DTYPES[dtype], export.parse_size(self.cfg.export_max_shard_size,
+                                                                                "--export_max_shard_size"),
+                                 share=(self.rank, self.world))
+        except Exception as exc:
+            failure = exc
+        if not dist.all_agree(failure is None):
+            reasons = dist.all_gather_object(None if failure is None else str(failure).strip().splitlines()[-1:])
+            if dist.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            rank, reason = next((r, text) for r, text in enumerate(reasons) if text is not None)
+            raise failure or RunFailure(f"{what} failed on rank {rank}: {' '.join(reason)}")
+        dist.on_main(lambda: export.finish_export(final_checkpoint, state, dtype, tmp, destination, overwrite=True),
+                     what)
         log.info("wrote the Hugging Face model to %s", destination)
         return destination
 

@@ -293,3 +293,49 @@ def test_converter_memory_does_not_grow_with_the_model(tmp_path, tiny_llama, fif
 
 def _final_sharded(out: Path) -> dict[str, torch.Tensor]:
     return _read_with_safetensors(out / "final")
+
+
+def test_shares_of_the_shards_make_the_same_export(tmp_path):
+    """write_weights(share=(i, n)) writes shards k with k % n == i (share 0 the index), so n
+    processes writing their shares into one folder make what one process writes alone."""
+    from owlore_ds.export import _Source, _Span, write_weights
+
+    torch.manual_seed(0)
+    tensors = {f"t{i}": torch.randn(50 + i) for i in range(7)}
+    raw = tmp_path / "raw.bin"
+    sources, offset = {}, 0
+    with open(raw, "wb") as fh:
+        for name, t in tensors.items():
+            fh.write(t.numpy().tobytes())
+            sources[name] = _Source(tuple(t.shape), [_Span(str(raw), offset, t.numel(), torch.float32)])
+            offset += t.nbytes
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    alone.mkdir()
+    shared.mkdir()
+    files = write_weights(sources, str(alone), torch.float32, max_shard_bytes=250)
+    written = []
+    for share in range(3):
+        before = set(p.name for p in shared.iterdir())
+        write_weights(sources, str(shared), torch.float32, max_shard_bytes=250, share=(share, 3))
+        written.append(sorted(set(p.name for p in shared.iterdir()) - before))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) == 7
+    assert written == [sorted(shards[0::3] + ["model.safetensors.index.json"]), sorted(shards[1::3]),
+                       sorted(shards[2::3])]
+    for name in files:
+        assert (alone / name).read_bytes() == (shared / name).read_bytes(), name
+
+
+def test_the_ranks_export_final_together(tmp_path, tiny_llama, task_data):
+    """2 ranks, --export_max_shard_size 100KB: OUT/final is the same as one process's
+    conversion of the final checkpoint, shard for shard."""
+    out = tmp_path / "out"
+    run_training(common_args(tiny_llama, task_data, out, method="owlore", deepspeed=ZERO[3], max_steps=2,
+                             per_device_train_batch_size=1, lisa_activated_layers=1, owl_nsamples=2, galore_rank=8,
+                             export_max_shard_size="100KB"), nproc=2)
+    _convert(out / "checkpoint-2", tmp_path / "alone", "--max_shard_size", "100KB")
+    names = sorted(p.name for p in (tmp_path / "alone").glob("model*"))
+    assert len(names) > 4 and names == sorted(p.name for p in (out / "final").glob("model*"))
+    for name in names:
+        assert (out / "final" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes(), name
+    _assert_equal(_read_with_safetensors(out / "final"), _loaded(out / "final"))
