@@ -237,13 +237,15 @@ def initial_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
-def _make_model(folder: Path, tokenizer_dir: Path, model_type: str, num_layers: int) -> Path:
+def make_model(folder: Path, tokenizer_dir: Path, model_type: str, num_layers: int, hidden_size: int = 64,
+               intermediate_size: int = 128, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A randomly initialised model of `model_type` saved with the test tokenizer (seed 0)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = AutoConfig.for_model(
-        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+        model_type, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=len(tokenizer), max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -267,13 +269,13 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
-    return _make_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir, "llama", 2)
+    return make_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir, "llama", 2)
 
 
 @pytest.fixture(scope="session")
 def make_tiny_model(tmp_path_factory, tokenizer_dir):
     def make(model_type: str, num_layers: int = 2) -> Path:
-        return _make_model(tmp_path_factory.mktemp(f"tiny-{model_type}"), tokenizer_dir, model_type, num_layers)
+        return make_model(tmp_path_factory.mktemp(f"tiny-{model_type}"), tokenizer_dir, model_type, num_layers)
 
     return make
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, base_env, common_args, final_weights, run_training
+from conftest import ROOT, base_env, common_args, final_weights, make_model, run_training
 
 ZERO = {stage: ROOT / "ds_configs" / f"zero{stage}.json" for stage in (1, 2, 3)}
 
@@ -146,21 +146,28 @@ def test_checkpoint_without_zero_converts_to_its_saved_module(tmp_path, tiny_lla
     _assert_equal(exported, final_weights(out))
 
 
-def test_streaming_writer_reads_back_with_safetensors(tmp_path):
-    """Header first, then the data a piece at a time (pieces far smaller than a tensor here):
-    safetensors' reader accepts the file and gets every tensor back, any dtype and shape."""
-    from owlore_ds.export import _Source, _Span, _write_safetensors
+def _sources_in_a_raw_file(raw: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    """The fp32 `tensors` written back to back into `raw`, as export sources reading them."""
+    from owlore_ds.export import _Source, _Span
 
-    torch.manual_seed(0)
-    tensors = {"a": torch.randn(37, 11), "b": torch.randn(5), "c": torch.randn(3, 4, 5), "empty": torch.zeros(0, 3),
-               "scalar": torch.tensor(2.5)}
-    raw = tmp_path / "raw.bin"
     sources, offset = {}, 0
     with open(raw, "wb") as fh:
         for name, t in tensors.items():
             fh.write(t.numpy().tobytes())
             sources[name] = _Source(tuple(t.shape), [_Span(str(raw), offset, t.numel(), torch.float32)])
             offset += t.nbytes
+    return sources
+
+
+def test_streaming_writer_reads_back_with_safetensors(tmp_path):
+    """Header first, then the data a piece at a time (pieces far smaller than a tensor here):
+    safetensors' reader accepts the file and gets every tensor back, any dtype and shape."""
+    from owlore_ds.export import _write_safetensors
+
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(37, 11), "b": torch.randn(5), "c": torch.randn(3, 4, 5), "empty": torch.zeros(0, 3),
+               "scalar": torch.tensor(2.5)}
+    sources = _sources_in_a_raw_file(tmp_path / "raw.bin", tensors)
     from safetensors.torch import load_file
 
     for dtype in (torch.float32, torch.bfloat16):
@@ -235,18 +242,8 @@ def test_lora_merge_equals_peft(tiny_llama):
 def fifty_million(tmp_path_factory, tokenizer_dir) -> Path:
     """A llama of 52M parameters (210 MB in fp32): large enough that holding the model, or a
     copy of the masters, shows in the converter's peak RSS against its fixed cost."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    folder = tmp_path_factory.mktemp("llama-52m")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=8, vocab_size=len(tokenizer), max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return make_model(tmp_path_factory.mktemp("llama-52m"), tokenizer_dir, "llama", num_layers=4, hidden_size=1024,
+                      intermediate_size=2816, heads=8, kv_heads=8)
 
 
 def peak_rss_of_convert(checkpoint: Path, destination: Path) -> int:
@@ -298,17 +295,11 @@ def _final_sharded(out: Path) -> dict[str, torch.Tensor]:
 def test_shares_of_the_shards_make_the_same_export(tmp_path):
     """write_weights(share=(i, n)) writes shards k with k % n == i (share 0 the index), so n
     processes writing their shares into one folder make what one process writes alone."""
-    from owlore_ds.export import _Source, _Span, write_weights
+    from owlore_ds.export import write_weights
 
     torch.manual_seed(0)
     tensors = {f"t{i}": torch.randn(50 + i) for i in range(7)}
-    raw = tmp_path / "raw.bin"
-    sources, offset = {}, 0
-    with open(raw, "wb") as fh:
-        for name, t in tensors.items():
-            fh.write(t.numpy().tobytes())
-            sources[name] = _Source(tuple(t.shape), [_Span(str(raw), offset, t.numel(), torch.float32)])
-            offset += t.nbytes
+    sources = _sources_in_a_raw_file(tmp_path / "raw.bin", tensors)
     alone, shared = tmp_path / "alone", tmp_path / "shared"
     alone.mkdir()
     shared.mkdir()
