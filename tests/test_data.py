@@ -260,19 +260,19 @@ def _tokenize_on_rank(rank: int, world: int, init_file: str, dataset: str, token
     import torch.distributed as torch_dist
     from transformers import AutoTokenizer
 
-    import owlore_ds.data as data_module
+    import owlore_ds.data.tokenize as tokenize_module
 
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     encoded = []
-    original = data_module.encode_records
+    original = tokenize_module.encode_records
 
     def counting(kind, records, *args, **kwargs):
         encoded.append(len(records))
         return original(kind, records, *args, **kwargs)
 
-    data_module.encode_records = counting
+    tokenize_module.encode_records = counting
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    data = data_module.load_training_data(dataset, tokenizer, tokenizer_dir, 64, cache, vocab_size=len(tokenizer))
+    data = load_training_data(dataset, tokenizer, tokenizer_dir, 64, cache, vocab_size=len(tokenizer))
     results[rank] = (encoded, data.input_ids.clone(), data.labels.clone())
     torch_dist.destroy_process_group()
 

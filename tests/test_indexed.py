@@ -21,7 +21,7 @@ from conftest import (ROOT, assert_same_weights, base_env, common_args, final_we
                       straight_and_killed_runs)
 from owlore_ds.data import calibration_windows, load_training_data
 from owlore_ds.errors import UserInputError
-from owlore_ds.indexed import IndexedDataset
+from owlore_ds.data.indexed import IndexedDataset
 from owlore_ds.metrics import read_metrics
 
 CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}

@@ -1,0 +1,64 @@
+"""Which rows each optimizer step trains on, and the calibration windows of OWL."""
+
+from __future__ import annotations
+
+import torch
+
+from owlore_ds.data.rows import TrainingData
+from owlore_ds.errors import UserInputError
+
+
+class GlobalBatches:
+    """Which rows every optimizer step trains on, and how they split over ranks and micro-batches.
+
+    Step s of epoch e = s // steps_per_epoch trains on rows perm_e[j*B:(j+1)*B] with
+    j = s % steps_per_epoch, where perm_e is a seeded permutation (identity with
+    --no_shuffle) and B the global batch. The last partial batch of an epoch is dropped.
+    """
+
+    def __init__(self, num_examples: int, global_batch: int, seed: int, shuffle: bool):
+        if num_examples < global_batch:
+            raise UserInputError(
+                f"the dataset has {num_examples} examples, fewer than one global batch of {global_batch} "
+                "(per_device_train_batch_size x gradient_accumulation_steps x ranks)"
+            )
+        self.num_examples = num_examples
+        self.global_batch = global_batch
+        self.seed = seed
+        self.shuffle = shuffle
+        self.steps_per_epoch = num_examples // global_batch
+        self._epoch, self._order = -1, torch.arange(num_examples)
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def rows(self, step: int) -> torch.Tensor:
+        epoch = self.epoch_of(step)
+        if self.shuffle and epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = torch.randperm(self.num_examples, generator=generator)
+        self._epoch = epoch
+        start = (step % self.steps_per_epoch) * self.global_batch
+        return self._order[start : start + self.global_batch]
+
+    @staticmethod
+    def micro_rows(rows: torch.Tensor, micro_step: int, rank: int, world: int, micro_batch: int) -> torch.Tensor:
+        start = (micro_step * world + rank) * micro_batch
+        return rows[start : start + micro_batch]
+
+
+def calibration_windows(data: TrainingData, nsamples: int, seqlen: int, seed: int, sequential: bool) -> torch.Tensor:
+    """[nsamples, seqlen] token windows from the dataset's real tokens (padding removed).
+
+    Random windows (seeded) as OWL draws them from C4, or with `sequential` the first
+    `nsamples` consecutive windows in file order.
+    """
+    total = data.num_tokens()
+    if total < seqlen:
+        raise UserInputError(f"the calibration data has {total} tokens, fewer than one window of {seqlen}")
+    if sequential:
+        count = min(nsamples, total // seqlen)
+        return data.tokens(0, count * seqlen).view(count, seqlen)
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([data.tokens(s, seqlen) for s in starts.tolist()])

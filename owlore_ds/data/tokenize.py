@@ -1,0 +1,250 @@
+"""Records to rows: tokenizing (shared by a node's ranks), padding or packing, and the cache."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import socket
+from typing import Any, Iterable, Optional
+
+import torch
+
+from owlore_ds import distributed as dist
+from owlore_ds.data.rows import IGNORE_INDEX, TokenizedData
+from owlore_ds.errors import UserInputError
+
+CACHE_VERSION = "2"  # 2: Alpaca rows were text2text in 1
+log = logging.getLogger(__name__)
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _pack_texts(documents: list[list[int]], block_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    stream = [token for document in documents for token in document]
+    blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    return blocks, [list(b) for b in blocks]
+
+
+def _fit(prompt: list[int], target: list[int], block_size: int) -> tuple[list[int], list[int]]:
+    """Cuts a long prompt from its start (after BOS) so that the target survives."""
+    if len(prompt) + len(target) <= block_size:
+        return prompt, target
+    keep = block_size - len(target)
+    if keep < 1:  # the target alone is too long: keep its beginning
+        return prompt[:1], target[: block_size - 1]
+    head = prompt[:1] if keep > 1 else []
+    return head + prompt[len(prompt) - (keep - len(head)) :], target
+
+
+def _text2text(record: dict, tokenizer, block_size: int) -> tuple[list[int], list[int]]:
+    prompt = _bos(tokenizer) + _encode(tokenizer, record["input"])
+    target = _encode(tokenizer, record["output"]) + _eos(tokenizer)
+    prompt, target = _fit(prompt, target, block_size)
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+def _conversation(record: dict, tokenizer, block_size: int) -> tuple[list[int], list[int]]:
+    # The whole conversation is tokenized once (tokenizing turn by turn would add
+    # SentencePiece's dummy prefix space to every turn); a token is labelled when its
+    # first character lies in the text that the chat template added for an assistant turn,
+    # less the assistant header (the generation prompt), which is prompt, not response.
+    messages = record["messages"]
+    spans, rendered = [], ""
+    for i, message in enumerate(messages):
+        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if message["role"] == "assistant":
+            header = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            spans.append((len(header) if header and text.startswith(header) else len(rendered), len(text)))
+        rendered = text
+    encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [token if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+              for token, (start, _) in zip(ids, encoded["offset_mapping"])]
+    # Long conversations lose their earliest turns; the last reply survives.
+    return ids[-block_size:], labels[-block_size:]
+
+
+def _tokenized(record: dict, block_size: int) -> tuple[list[int], list[int]]:
+    ids = record["input_ids"][:block_size]
+    labels = record.get("labels") or ids
+    return ids, labels[:block_size]
+
+
+def encode_records(kind: str, records: list[dict], tokenizer, block_size: int, packing: bool = False) -> list:
+    """The per-record work of tokenizing, which the ranks of a node share (load_training_data):
+    text_only: each record's tokens (BOS, text, EOS); the others: each example's (ids, labels),
+    examples with no loss-bearing token left out."""
+    if kind == "text_only":
+        if packing:
+            raise UserInputError("--packing packs text2text, conversation and pre-tokenized examples; text_only data is "
+                                 "already one stream cut into full blocks (for per-document attention, preprocess it "
+                                 "into an indexed dataset and use --packing_attention document)")
+        return [_bos(tokenizer) + _encode(tokenizer, record["text"]) + _eos(tokenizer) for record in records]
+    if kind == "conversation" and not (tokenizer.chat_template and tokenizer.is_fast):
+        raise UserInputError("conversation data needs a fast tokenizer with a chat_template; the model's has none")
+    examples = []
+    for record in records:
+        if kind == "text2text":
+            ids, labels = _text2text(record, tokenizer, block_size)
+        elif kind == "conversation":
+            ids, labels = _conversation(record, tokenizer, block_size)
+        else:
+            ids, labels = _tokenized(record, block_size)
+        # An example with no loss-bearing token would give 0/0 = NaN: drop it.
+        if any(label != IGNORE_INDEX for label in labels[1:]):
+            examples.append((ids, labels))
+    if len(examples) < len(records):
+        log.warning("dropped %d examples with no target tokens", len(records) - len(examples))
+    return examples
+
+
+def assemble_rows(kind: str, encoded: list, block_size: int, pad_id: int, packing: bool = False) -> TokenizedData:
+    """The rows from encode_records' output (of all the records, in order): one row per example
+    (padded), with `packing` several examples per row (pack_examples), or text_only's stream
+    cut into blocks."""
+    if kind == "text_only":
+        ids_list, labels_list = _pack_texts(encoded, block_size)
+        return _to_tensors(ids_list, labels_list, block_size, pad_id)
+    ids_list = [ids for ids, _ in encoded]
+    labels_list = [labels for _, labels in encoded]
+    if packing:
+        return pack_examples(ids_list, labels_list, block_size, pad_id)
+    return _to_tensors(ids_list, labels_list, block_size, pad_id)
+
+
+def tokenize_records(kind: str, records: list[dict], tokenizer, block_size: int, packing: bool = False) -> TokenizedData:
+    """One row per example (padded), or with `packing` several examples per row (pack_examples)."""
+    return assemble_rows(kind, encode_records(kind, records, tokenizer, block_size, packing), block_size,
+                         _pad_id(tokenizer), packing)
+
+
+def pack_examples(ids_list: list[list[int]], labels_list: list[list[int]], block_size: int, pad_id: int) -> TokenizedData:
+    """Examples (each at most `block_size` tokens, cut as the padded path cuts them) packed
+    greedily in their order: an example joins the current row while it fits, else it
+    starts the next one. The rows are a function of the data alone, so GlobalBatches
+    shuffles them with the seed like any rows, and 1 and N ranks see the same batches.
+
+    Labels are as in the padded path, and also -100 at each example's first token, which
+    would otherwise be predicted from the end of the previous example. position_ids count
+    from 0 in each example and again in the padding at a row's end (its own "document",
+    without loss), so that the model call (modeling.document_attention_mask) can keep every
+    example to itself: the logits of an example are those it has alone.
+    """
+    rows: list[list[int]] = []
+    used = 0
+    for i, ids in enumerate(ids_list):
+        if not rows or used + len(ids) > block_size:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += len(ids)
+    n = len(rows)
+    input_ids = torch.full((n, block_size), pad_id, dtype=torch.long)
+    labels = torch.full((n, block_size), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, block_size), dtype=torch.long)
+    positions = torch.zeros((n, block_size), dtype=torch.long)
+    for row, members in enumerate(rows):
+        at = 0
+        for i in members:
+            length = len(ids_list[i])
+            input_ids[row, at : at + length] = torch.tensor(ids_list[i], dtype=torch.long)
+            labels[row, at + 1 : at + length] = torch.tensor(labels_list[i][1:], dtype=torch.long)
+            mask[row, at : at + length] = 1
+            positions[row, at : at + length] = torch.arange(length)
+            at += length
+        positions[row, at:] = torch.arange(block_size - at)
+    return TokenizedData(input_ids, labels, mask, positions)
+
+
+def _to_tensors(ids_list: list[list[int]], labels_list: list[list[int]], block_size: int, pad_id: int) -> TokenizedData:
+    n = len(ids_list)
+    input_ids = torch.full((n, block_size), pad_id, dtype=torch.long)
+    labels = torch.full((n, block_size), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, block_size), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(ids_list, labels_list)):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        mask[i, : len(ids)] = 1
+    return TokenizedData(input_ids, labels, mask)
+
+
+
+def _hash_files(paths: Iterable[str], digest) -> None:
+    for path in paths:
+        digest.update(os.path.basename(path).encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+
+
+def cache_key(files: list[str], tokenizer_dir: str, block_size: int, packing: bool = False) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{block_size}{'|packed' if packing else ''}".encode())
+    _hash_files(files, digest)
+    tokenizer_files = sorted(glob.glob(os.path.join(tokenizer_dir, "tokenizer*")) + glob.glob(os.path.join(tokenizer_dir, "*.model")))
+    _hash_files(tokenizer_files, digest)
+    return digest.hexdigest()[:24]
+
+
+def tokenize_once(path: str, cache_path: str, kind: str, records: list[dict], tokenizer, block_size: int,
+                   packing: bool) -> None:
+    """Fills the cache at `cache_path` unless it exists: the ranks that share that file (the
+    same host and path: a node's ranks) each tokenize a contiguous share of the records and
+    write it beside the cache; the first of them joins the shares into the rows and writes the
+    cache once. So no rank tokenizes the whole dataset while the others wait. A collective."""
+    where = (socket.gethostname(), os.path.realpath(cache_path))
+    everyone = dist.all_gather_object((where, os.path.exists(cache_path)))
+    peers = [r for r, (other, _) in enumerate(everyone) if other == where]
+    needed = not all(exists for other, exists in everyone if other == where)
+    share, shares = peers.index(dist.rank()), len(peers)
+    part = lambda i: f"{cache_path}.part{i}-of-{shares}"  # noqa: E731
+    error: Optional[UserInputError] = None
+    if needed:
+        lo, hi = len(records) * share // shares, len(records) * (share + 1) // shares
+        log.info("tokenizing records %d-%d of %d (share %d of %d on this node)", lo, hi, len(records), share + 1, shares)
+        try:
+            _save_atomic(encode_records(kind, records[lo:hi], tokenizer, block_size, packing), part(share))
+        except UserInputError as exc:
+            error = exc
+    if not dist.all_agree(error is None):
+        raise error or UserInputError(f"--dataset_path {path}: tokenizing failed on another rank")
+    failure: Optional[Exception] = None
+    if needed and dist.rank() == peers[0]:
+        try:
+            encoded = [entry for i in range(shares) for entry in torch.load(part(i), weights_only=True)]
+            data = assemble_rows(kind, encoded, block_size, _pad_id(tokenizer), packing)
+            saved = {"input_ids": data.input_ids, "labels": data.labels, "attention_mask": data.attention_mask}
+            if data.position_ids is not None:
+                saved["position_ids"] = data.position_ids
+            _save_atomic(saved, cache_path)
+            for i in range(shares):
+                os.remove(part(i))
+        except Exception as exc:  # a full disk must fail every rank, not leave them waiting
+            failure = exc
+    if not dist.all_agree(failure is None):
+        raise failure or UserInputError(f"--dataset_path {path}: writing the tokenized cache {cache_path} failed "
+                                        "on another rank")
+
+
+def _save_atomic(obj: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
