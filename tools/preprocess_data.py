@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from owlore_ds.cli import run_main  # noqa: E402
 from owlore_ds.data import data_files, iter_jsonl  # noqa: E402
 from owlore_ds.errors import UserInputError  # noqa: E402
-from owlore_ds.indexed import IndexedWriter, token_dtype  # noqa: E402
+from owlore_ds.data.indexed import IndexedWriter, token_dtype  # noqa: E402
 
 SUFFIXES = (".jsonl", ".parquet", ".txt")
 BATCH = 256  # documents a worker tokenizes per task: large enough that the pool's overhead is small
