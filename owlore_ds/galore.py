@@ -250,7 +250,7 @@ def galore_adamw_step(
     # so that not every matrix runs its SVD at the same step (galore-torch: offset 0).
     if projector is None or (lifetime + refresh_offset) % update_proj_gap == 0:
         if svd == "randomized" and generator is None:
-            generator = torch.Generator().manual_seed(step)
+            generator = torch.Generator().manual_seed(lifetime)
         try:
             projector = compute_projector(grad, rank, proj_type, svd, generator, canonical_signs)
         except ProjectorError as exc:
@@ -258,7 +258,7 @@ def galore_adamw_step(
                 raise
             logger.warning(
                 "GaLore projector refresh at step %d failed, keeping the one from "
-                "step %d: %s", step, state["proj_step"], exc,
+                "step %d: %s", lifetime, state["proj_step"], exc,
             )
         else:
             state["projector"] = projector

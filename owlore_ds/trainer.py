@@ -186,7 +186,8 @@ class Trainer:
         except Exception as exc:
             failure = exc
         if not dist.all_agree(failure is None):
-            reasons = dist.all_gather_object(None if failure is None else str(failure).strip().splitlines()[-1:])
+            reasons = dist.all_gather_object(
+                None if failure is None else str(failure).strip().splitlines()[-1:] or [type(failure).__name__])
             if dist.is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
             rank, reason = next((r, text) for r, text in enumerate(reasons) if text is not None)

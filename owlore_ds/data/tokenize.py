@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import logging
 import os
 import socket
+import tempfile
+import uuid
 from typing import Any, Iterable, Optional
 
 import torch
@@ -214,14 +217,17 @@ def tokenize_once(path: str, cache_path: str, kind: str, records: list[dict], to
     peers = [r for r, (other, _) in enumerate(everyone) if other == where]
     needed = not all(exists for other, exists in everyone if other == where)
     share, shares = peers.index(dist.rank()), len(peers)
-    part = lambda i: f"{cache_path}.part{i}-of-{shares}"  # noqa: E731
-    error: Optional[UserInputError] = None
+    # Names of this run and host only: another node sharing the folder, or another job on the
+    # same data, writes and removes its own.
+    run = dist.broadcast_object(uuid.uuid4().hex[:12])
+    part = lambda i: f"{cache_path}.{run}.{where[0]}.part{i}-of-{shares}"  # noqa: E731
+    error: Optional[Exception] = None
     if needed:
         lo, hi = len(records) * share // shares, len(records) * (share + 1) // shares
         log.info("tokenizing records %d-%d of %d (share %d of %d on this node)", lo, hi, len(records), share + 1, shares)
         try:
             _save_atomic(encode_records(kind, records[lo:hi], tokenizer, block_size, packing), part(share))
-        except UserInputError as exc:
+        except Exception as exc:  # a bad record or a full disk must fail every rank, not leave them waiting
             error = exc
     if not dist.all_agree(error is None):
         raise error or UserInputError(f"--dataset_path {path}: tokenizing failed on another rank")
@@ -235,7 +241,8 @@ def tokenize_once(path: str, cache_path: str, kind: str, records: list[dict], to
                 saved["position_ids"] = data.position_ids
             _save_atomic(saved, cache_path)
             for i in range(shares):
-                os.remove(part(i))
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(part(i))
         except Exception as exc:  # a full disk must fail every rank, not leave them waiting
             failure = exc
     if not dist.all_agree(failure is None):
@@ -244,7 +251,15 @@ def tokenize_once(path: str, cache_path: str, kind: str, records: list[dict], to
 
 
 def _save_atomic(obj: Any, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Writes under a name no other process (on any host sharing the folder) can have, then renames."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

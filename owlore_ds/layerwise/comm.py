@@ -151,6 +151,11 @@ class GradientReducer:
             self._arrived[item.key] = self._arrived.get(item.key, 0) + length
             if self._arrived[item.key] == item.numel:
                 complete.append(item)
+            elif self._arrived[item.key] > item.numel and self.on_complete is not None:
+                # A second gradient in one backward (a weight shared across layers): the item
+                # was already updated with the first part alone.
+                raise RuntimeError(f"{item.name}: a gradient arrived twice in one backward; --update_in_backward "
+                                   "needs each trained tensor to be used once per forward")
         if complete and self.on_complete is not None:
             self.on_complete(complete)
 
