@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import os
+import platform
 from typing import TYPE_CHECKING, Any, Optional
 
 from owlore_ds.errors import UserInputError
@@ -162,3 +163,27 @@ def format_console(record: dict[str, Any], total_steps: int) -> str:
     return (f"step {record['step']}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.3e} "
             f"grad_norm {grad_text} tokens/s {record['tokens_per_s']:.0f} "
             f"peak_mem {record['peak_memory_bytes'] / 2**30:.2f} GiB")
+
+
+def device_description() -> dict[str, Any]:
+    """The device benchmarks name beside their figures: the accelerator, or the CPU and its cores."""
+    from deepspeed.accelerator import get_accelerator
+
+    import torch
+
+    accelerator = get_accelerator().device_name()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    if accelerator == "cpu":
+        name = f"CPU: {cpu}, {cores} cores"
+    else:
+        backend = getattr(torch, accelerator, None)
+        gpu = backend.get_device_name(0) if backend is not None and hasattr(backend, "get_device_name") else accelerator
+        name = f"{gpu} x{get_accelerator().device_count()} (host {cpu}, {cores} cores)"
+    return {"accelerator": accelerator, "name": name, "cpu": cpu, "cores": cores,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}

@@ -33,7 +33,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -54,7 +53,7 @@ from owlore_ds.config import MASTER_POLICIES  # noqa: E402
 from owlore_ds.cli import run_main  # noqa: E402
 from owlore_ds.distributed import free_port  # noqa: E402
 from owlore_ds.errors import UserInputError  # noqa: E402
-from owlore_ds.metrics import package_versions, read_metrics  # noqa: E402
+from owlore_ds.metrics import device_description, package_versions, read_metrics  # noqa: E402
 
 METHODS = ("full", "lora", "lisa", "galore", "owlore", "lomo", "adalomo", "peer")
 LAYER_SAMPLED = ("lisa", "owlore", "peer")
@@ -423,29 +422,6 @@ def add_peer_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------- the report
-
-
-def device_description() -> dict[str, Any]:
-    from deepspeed.accelerator import get_accelerator
-
-    import torch
-
-    accelerator = get_accelerator().device_name()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    if accelerator == "cpu":
-        name = f"CPU: {cpu}, {cores} cores"
-    else:
-        backend = getattr(torch, accelerator, None)
-        gpu = backend.get_device_name(0) if backend is not None and hasattr(backend, "get_device_name") else accelerator
-        name = f"{gpu} x{get_accelerator().device_count()} (host {cpu}, {cores} cores)"
-    return {"accelerator": accelerator, "name": name, "cpu": cpu, "cores": cores,
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 def _mib(value: Optional[float]) -> str:
