@@ -38,13 +38,10 @@ def restore(opt: "LayerwiseOptimizer", global_state: dict[str, Any],
         if item.owner == opt.rank and item.key in whole:
             opt.item_state[item.key] = to_device(whole[item.key], opt.device)
     for item in opt._always_items:
-        if item.owner != opt.rank:
-            continue
-        joined = _join_chunks(item.name, rank_states)
-        if joined:
-            opt.item_state[item.key] = {
-                k: (v[item.lo : item.hi].clone().to(opt.device) if torch.is_tensor(v) else v)
-                for k, v in joined.items()}
+        if item.owner == opt.rank:
+            state = _cut_from_chunks(item.name, item.lo, item.hi, rank_states)
+            if state:
+                opt.item_state[item.key] = {k: v.to(opt.device) if torch.is_tensor(v) else v for k, v in state.items()}
     # Offloaded state goes to the new ranks by the same greedy plan, after the active items.
     offloaded = {k: v for s in rank_states for k, v in s["offloaded"].items()}
     parked = assign_owners(opt.sizes, opt.world, existing=dict(opt.owners), names=sorted(offloaded))
@@ -52,13 +49,19 @@ def restore(opt: "LayerwiseOptimizer", global_state: dict[str, Any],
     opt.offloaded = {name: state for name, state in offloaded.items() if opt.parked[name] == opt.rank}
 
 
-def _join_chunks(name: str, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
+def _cut_from_chunks(name: str, lo: int, hi: int, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Elements lo..hi of a chunked tensor's flat state, copied from the old chunks they overlap.
+
+    The files are memory-mapped, so a rank reads only its new chunk's pages: the old chunks
+    are never joined, which at 70B would put every embedding moment in every rank's memory."""
     chunks = sorted(((int(k.split("@")[1]), v) for s in rank_states for k, v in s["items"].items()
                      if "@" in k and k.split("@")[0] == name), key=lambda c: c[0])
     if not chunks:
         return {}
-    joined = dict(chunks[0][1])
+    cut = dict(chunks[0][1])
     for key, value in chunks[0][1].items():
         if torch.is_tensor(value) and value.dim() == 1:
-            joined[key] = torch.cat([c[1][key] for c in chunks])
-    return joined
+            pieces = [state[key][max(lo, start) - start : min(hi, start + len(state[key])) - start]
+                      for start, state in chunks if max(lo, start) < min(hi, start + len(state[key]))]
+            cut[key] = torch.cat(pieces) if len(pieces) > 1 else (pieces or [value[:0]])[0].clone()
+    return cut
