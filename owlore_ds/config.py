@@ -53,7 +53,8 @@ class TrainConfig:
     packing: bool = field(default=False, metadata={
         "help": "SFT examples packed several to a block in data order, loss on targets only, no attention across examples"})
     packing_attention: str = field(default="causal", metadata={
-        "help": "indexed data: causal (one stream) or document (positions restart, no attention across documents)"})
+        "help": "indexed or --streaming data: causal (one stream) or document (positions restart, no attention "
+                "across documents)"})
     streaming: bool = field(default=False, metadata={
         "help": "read --dataset_path (a datasets folder from save_to_disk, or .jsonl/.parquet/.txt files) while "
                 "training: tokenized as tools/preprocess_data.py does, packed into windows; needs --max_steps"})
@@ -223,10 +224,10 @@ class TrainConfig:
         if self.streaming:
             if self.max_steps <= 0:
                 raise UserInputError("--streaming: the stream's length is not known in advance; give --max_steps")
-            if self.data_mix is not None or self.packing or self.packing_attention != "causal":
-                raise UserInputError("--streaming packs one corpus into windows of causal attention; it does not take "
-                                     "--data_mix, --packing or --packing_attention document (preprocess the corpus "
-                                     "with tools/preprocess_data.py for those)")
+            if self.data_mix is not None or self.packing:
+                raise UserInputError("--streaming packs one corpus into windows; it does not take --data_mix or "
+                                     "--packing (preprocess the corpora with tools/preprocess_data.py for a blend; "
+                                     "--packing is for SFT examples)")
             if self.streaming_shuffle_windows < 1:
                 raise UserInputError(f"--streaming_shuffle_windows must be at least 1, got {self.streaming_shuffle_windows}")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:

@@ -49,7 +49,8 @@ class Trainer:
         if cfg.streaming:
             self.stream = StreamingBatches(cfg.dataset_path, cfg.text_key, self.tokenizer, cfg.block_size,
                                            self.model_config.vocab_size, self.global_batch, cfg.seed,
-                                           shuffle=not cfg.no_shuffle, chunk_windows=cfg.streaming_shuffle_windows)
+                                           shuffle=not cfg.no_shuffle, chunk_windows=cfg.streaming_shuffle_windows,
+                                           document_attention=cfg.packing_attention == "document")
             self.batches: GlobalBatches | StreamingBatches = self.stream
             self.data: TrainingData = self.stream.data
         else:

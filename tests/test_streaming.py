@@ -59,15 +59,16 @@ def corpus(tmp_path_factory, tokenizer_dir) -> tuple[Path, Path, Path]:
     return hf, jsonl, prefix
 
 
-def _stream(path: Path, tokenizer, batch: int, shuffle: bool, chunk: int, block: int = 32) -> StreamingBatches:
+def _stream(path: Path, tokenizer, batch: int, shuffle: bool, chunk: int, block: int = 32,
+            document_attention: bool = False) -> StreamingBatches:
     stream = StreamingBatches(str(path), "text", tokenizer, block, len(tokenizer), batch, seed=7, shuffle=shuffle,
-                              chunk_windows=chunk)
+                              chunk_windows=chunk, document_attention=document_attention)
     stream.start()
     return stream
 
 
-def _batches(stream: StreamingBatches, first: int, count: int) -> list[torch.Tensor]:
-    return [stream.data.batch(stream.rows(step))["input_ids"] for step in range(first, first + count)]
+def _batches(stream: StreamingBatches, first: int, count: int, key: str = "input_ids") -> list[torch.Tensor]:
+    return [stream.data.batch(stream.rows(step))[key] for step in range(first, first + count)]
 
 
 def test_streamed_windows_are_the_preprocessed_corpus_windows(corpus, tokenizer, tokenizer_dir, tmp_path):
@@ -94,6 +95,30 @@ def test_streamed_windows_are_the_preprocessed_corpus_windows(corpus, tokenizer,
     assert sorted(map(tuple, shuffled[n - tail : n].tolist())) == sorted(map(tuple, windows[n - tail :].tolist()))
     assert not torch.equal(shuffled[n : n + 7], shuffled[:7])
     assert sorted(map(tuple, shuffled[n : n + 7].tolist())) == sorted(map(tuple, windows[:7].tolist()))
+    # Calibration (OWL) reads the stream's first chunk of tokens, unshuffled.
+    stream = _stream(hf, tokenizer, 4, shuffle=True, chunk=7)
+    assert stream.data.num_tokens() == 7 * 32
+    assert torch.equal(stream.data.tokens(40, 100), windows.flatten()[40:140])
+
+
+def test_document_attention_positions_are_the_indexed_paths(corpus, tokenizer, tokenizer_dir, tmp_path):
+    hf, _, prefix = corpus
+    indexed = load_training_data(str(prefix), tokenizer, str(tokenizer_dir), 32, str(tmp_path), len(tokenizer),
+                                 packing_attention="document")
+    expected = indexed.batch(torch.arange(len(indexed)))
+    n = len(indexed)
+    plain = _stream(hf, tokenizer, 4, shuffle=False, chunk=7, document_attention=True)
+    positions = torch.cat(_batches(plain, 0, n // 4 + 3, "position_ids"))
+    assert torch.equal(positions[:n], expected["position_ids"])
+    assert torch.equal(positions[n:], expected["position_ids"][: len(positions) - n])
+    assert int((positions[:n] == 0).sum()) > n + 20  # documents do begin inside windows
+    # Shuffled, each window keeps its own positions.
+    by_window = {tuple(w): p for w, p in zip(expected["input_ids"].tolist(), expected["position_ids"])}
+    shuffled = _stream(hf, tokenizer, 4, shuffle=True, chunk=7, document_attention=True)
+    for _ in range(5):
+        batch = shuffled.data.batch(shuffled.rows(shuffled.next_step))
+        for window, position in zip(batch["input_ids"].tolist(), batch["position_ids"]):
+            assert torch.equal(position, by_window[tuple(window)])
 
 
 @pytest.mark.parametrize("resume_at", [3, 11, 13])
@@ -112,11 +137,12 @@ def test_a_stream_started_from_a_saved_position_goes_on_as_the_straight_one(corp
         resumed.rows(0)
 
 
-def test_streamed_training_is_indexed_training_of_the_preprocessed_corpus(corpus, tiny_llama, tmp_path):
+@pytest.mark.parametrize("attention", ["causal", "document"])
+def test_streamed_training_is_indexed_training_of_the_preprocessed_corpus(corpus, tiny_llama, tmp_path, attention):
     """With --no_shuffle the streamed run trains on the indexed run's windows: the same losses and weights."""
     hf, _, prefix = corpus
     streamed, indexed = tmp_path / "streamed", tmp_path / "indexed"
-    args = dict(block_size=32, per_device_train_batch_size=4, max_steps=3, no_shuffle=True)
+    args = dict(block_size=32, per_device_train_batch_size=4, max_steps=3, no_shuffle=True, packing_attention=attention)
     run_training(common_args(tiny_llama, hf, streamed, streaming=True, **args))
     run_training(common_args(tiny_llama, prefix, indexed, **args))
     assert [m["loss"] for m in read_metrics(streamed)] == [m["loss"] for m in read_metrics(indexed)]
@@ -138,6 +164,14 @@ def test_streaming_trains_alike_on_one_and_two_ranks_and_after_a_kill(tmp_path_f
     run_training(common_args(tiny_llama, hf, one, per_device_train_batch_size=4, **args))
     assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(straight)], rel=1e-5)
     assert_same_weights(final_weights(one), final_weights(straight))
+    # The 2-rank checkpoint resumed on 1 rank: the stream position is global.
+    moved = tmp_path / "moved"
+    result = run_training(common_args(tiny_llama, hf, moved, per_device_train_batch_size=4,
+                                      **{**args, "resume_from_checkpoint": straight / "checkpoint-2"}))
+    assert "resumed from" in result.stdout + result.stderr
+    assert [m["loss"] for m in read_metrics(moved)] == pytest.approx([m["loss"] for m in read_metrics(straight)][2:],
+                                                                     rel=1e-5)
+    assert_same_weights(final_weights(moved), final_weights(straight))
 
 
 def test_bad_streaming_input_is_one_line(tmp_path, tiny_llama, tokenizer):

@@ -6,7 +6,8 @@ files are memory-mapped, so any document is reached without reading those before
 tokens followed by EOS exactly as that tool writes them (tokenize.encode_documents), the
 documents are concatenated in order and the stream is cut into windows of block_size tokens,
 every token with loss, as PackedWindows cuts an indexed dataset: a streamed corpus trains on
-the windows of its preprocessed form.
+the windows of its preprocessed form. With --packing_attention document the position ids
+restart at every document that begins inside a window, as there.
 
 Order: the windows are taken in chunks of `chunk_windows` consecutive windows of the stream;
 with shuffling each chunk is permuted by a permutation seeded by (seed, chunk number), with
@@ -23,8 +24,8 @@ first stream position as (document, token offset), and how many of its windows a
 saved in the checkpoint's trainer state; a resumed run skips to that document without
 tokenizing those before it, rebuilds that one chunk and goes on, on any number of ranks.
 
-Memory: one chunk of windows (chunk_windows x block_size int64) and one batch of documents,
-whatever the corpus size.
+Memory: one chunk of windows (chunk_windows x block_size int64; twice that with document
+attention) and one batch of documents, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -123,9 +124,11 @@ class TokenReader:
     def position(self) -> tuple[int, int]:
         return self.document, self.offset
 
-    def read(self, count: int) -> np.ndarray:
-        """The next `count` tokens; fewer only at the stream's end."""
+    def read(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next `count` tokens (fewer only at the stream's end), and where documents begin
+        among them (True at a document's first token)."""
         out = np.empty(count, dtype=np.int64)
+        begins = np.zeros(count, dtype=bool)
         filled = 0
         while filled < count and self._ids is not None:
             if self.offset >= len(self._ids):
@@ -134,9 +137,10 @@ class TokenReader:
                 continue
             piece = self._ids[self.offset : self.offset + count - filled]
             out[filled : filled + len(piece)] = piece
+            begins[filled] = self.offset == 0
             filled += len(piece)
             self.offset += len(piece)
-        return out[:filled]
+        return out[:filled], begins[:filled]
 
 
 class StepWindows(_Windows):
@@ -144,9 +148,12 @@ class StepWindows(_Windows):
     (StreamingBatches.rows puts them here). Calibration (OWL ratios) draws from the first chunk's
     worth of the stream (chunk_windows x block_size tokens, or the whole stream if shorter)."""
 
-    def __init__(self, source: DocumentSource, tokenizer, block_size: int, prefix_tokens: int):
+    def __init__(self, source: DocumentSource, tokenizer, block_size: int, prefix_tokens: int,
+                 document_attention: bool = False):
         self.block_size = block_size
+        self.document_attention = document_attention
         self.current = torch.empty(0, block_size, dtype=torch.long)
+        self.current_positions = torch.empty(0, block_size, dtype=torch.long)  # with document_attention
         self._source, self._tokenizer, self._prefix_tokens = source, tokenizer, prefix_tokens
 
     def __len__(self) -> int:
@@ -155,9 +162,12 @@ class StepWindows(_Windows):
     def window(self, row: int) -> torch.Tensor:
         return self.current[row]
 
+    def window_positions(self, row: int) -> torch.Tensor:
+        return self.current_positions[row]
+
     @functools.cached_property
     def _prefix(self) -> torch.Tensor:
-        return torch.from_numpy(TokenReader(self._source, self._tokenizer).read(self._prefix_tokens))
+        return torch.from_numpy(TokenReader(self._source, self._tokenizer).read(self._prefix_tokens)[0])
 
     def num_tokens(self) -> int:
         return len(self._prefix)
@@ -171,19 +181,20 @@ class StreamingBatches:
     in step order (see the module's docstring), and the position a checkpoint resumes from."""
 
     def __init__(self, path: str, text_key: str, tokenizer, block_size: int, vocab_size: int, global_batch: int,
-                 seed: int, shuffle: bool, chunk_windows: int):
+                 seed: int, shuffle: bool, chunk_windows: int, document_attention: bool = False):
         self.source = DocumentSource(path, text_key)
         self.tokenizer = tokenizer
         self.block_size, self.vocab_size, self.global_batch = block_size, vocab_size, global_batch
         self.seed, self.shuffle, self.chunk_windows = seed, shuffle, chunk_windows
         self.steps_per_epoch = None  # unknown until the stream has been read: --max_steps is required
-        self.data = StepWindows(self.source, tokenizer, block_size, chunk_windows * block_size)
+        self.data = StepWindows(self.source, tokenizer, block_size, chunk_windows * block_size, document_attention)
         self.next_step = 0
         self._reader: Optional[TokenReader] = None
         self._epoch = self._chunk_number = self._used = 0
         self._chunk_start = (0, 0)
         self._ends_epoch = False
         self._chunk = torch.empty(0, block_size, dtype=torch.long)
+        self._positions = torch.empty(0, block_size, dtype=torch.long)
         self._last_epoch = 0  # epoch of the last window handed out
 
     def start(self, state: Optional[dict[str, Any]] = None, step: int = 0) -> None:
@@ -213,7 +224,7 @@ class StreamingBatches:
         size = self.chunk_windows * self.block_size
         while True:
             start = self._reader.position
-            tokens = self._reader.read(size)
+            tokens, begins = self._reader.read(size)
             windows = len(tokens) // self.block_size
             if len(tokens) < size:
                 log.info("end of the stream in epoch %d: %d token(s) short of a window dropped; epoch %d starts again "
@@ -227,13 +238,17 @@ class StreamingBatches:
             self._reader = TokenReader(self.source, self.tokenizer)
         self._ends_epoch = len(tokens) < size  # the stream ended inside this chunk
         chunk = torch.from_numpy(tokens[: windows * self.block_size]).view(windows, self.block_size)
+        positions = _positions(torch.from_numpy(begins[: windows * self.block_size]).view(windows, self.block_size)) \
+            if self.data.document_attention else None
         top = int(chunk.max())
         if top >= self.vocab_size:
             raise UserInputError(f"--dataset_path {self.source.path}: token id {top} in chunk {number} is outside the "
                                  f"model's vocabulary of {self.vocab_size}")
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + number)
-            chunk = chunk[torch.randperm(windows, generator=generator)]
+            order = torch.randperm(windows, generator=generator)
+            chunk, positions = chunk[order], None if positions is None else positions[order]
+        self._positions = positions
         self._chunk, self._chunk_start, self._epoch, self._chunk_number, self._used = chunk, start, epoch, number, 0
 
     def _next_chunk(self) -> None:
@@ -248,15 +263,19 @@ class StreamingBatches:
         Steps come in order: the stream is read once."""
         if step != self.next_step:
             raise RuntimeError(f"streamed batches are read in order: step {step} asked for, step {self.next_step} is next")
-        parts, taken = [], 0
+        parts, positions, taken = [], [], 0
         while taken < self.global_batch:
             if self._used == len(self._chunk):
                 self._next_chunk()
             take = min(self.global_batch - taken, len(self._chunk) - self._used)
             parts.append(self._chunk[self._used : self._used + take])
+            if self._positions is not None:
+                positions.append(self._positions[self._used : self._used + take])
             self._used += take
             taken += take
         self.data.current = torch.cat(parts)
+        if positions:
+            self.data.current_positions = torch.cat(positions)
         self._last_epoch = self._epoch
         self.next_step += 1
         return torch.arange(self.global_batch)
@@ -269,3 +288,12 @@ class StreamingBatches:
         """Where the next step starts: saved in the checkpoint, given to start() on resume."""
         return {"epoch": self._epoch, "chunk": self._chunk_number, "chunk_start": list(self._chunk_start),
                 "used": self._used}
+
+
+def _positions(begins: torch.Tensor) -> torch.Tensor:
+    """Position ids of windows [n, block] given where documents begin in them: 0 at each window's
+    first token and at each document start inside it, as PackedWindows.window_positions."""
+    restarts = begins.clone()
+    restarts[:, 0] = True
+    index = torch.arange(begins.shape[1]).expand_as(begins)
+    return index - torch.cummax(torch.where(restarts, index, 0), dim=1).values
