@@ -182,6 +182,8 @@ class StreamingBatches:
 
     def __init__(self, path: str, text_key: str, tokenizer, block_size: int, vocab_size: int, global_batch: int,
                  seed: int, shuffle: bool, chunk_windows: int, document_attention: bool = False):
+        if tokenizer.eos_token_id is None:
+            raise UserInputError("--streaming: the model's tokenizer has no EOS token to end documents with")
         self.source = DocumentSource(path, text_key)
         self.tokenizer = tokenizer
         self.block_size, self.vocab_size, self.global_batch = block_size, vocab_size, global_batch
@@ -281,7 +283,8 @@ class StreamingBatches:
         return torch.arange(self.global_batch)
 
     def epoch_of(self, step: int) -> int:
-        """The epoch of the last step handed out (the only one the trainer asks about)."""
+        """The epoch of the last step handed out, whatever `step`: the trainer asks only about that
+        one (GlobalBatches answers for any step; the stream's epochs are known only as read)."""
         return self._last_epoch
 
     def state(self) -> dict[str, Any]:
