@@ -53,7 +53,14 @@ class TrainConfig:
     packing: bool = field(default=False, metadata={
         "help": "SFT examples packed several to a block in data order, loss on targets only, no attention across examples"})
     packing_attention: str = field(default="causal", metadata={
-        "help": "indexed data: causal (one stream) or document (positions restart, no attention across documents)"})
+        "help": "indexed or --streaming data: causal (one stream) or document (positions restart, no attention "
+                "across documents)"})
+    streaming: bool = field(default=False, metadata={
+        "help": "read --dataset_path (a datasets folder from save_to_disk, or .jsonl/.parquet/.txt files) while "
+                "training: tokenized as tools/preprocess_data.py does, packed into windows; needs --max_steps"})
+    text_key: str = field(default="text", metadata={"help": "with --streaming: the column / key holding the text"})
+    streaming_shuffle_windows: int = field(default=1000, metadata={
+        "help": "with --streaming: windows are shuffled within consecutive chunks of this many windows"})
 
     # Schedule
     method: str = field(default="full", metadata={"help": f"one of {', '.join(METHODS)}"})
@@ -214,6 +221,15 @@ class TrainConfig:
             raise UserInputError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules.strip(" ,"):
             raise UserInputError("--lora_target_modules is empty; give module names such as q_proj,v_proj")
+        if self.streaming:
+            if self.max_steps <= 0:
+                raise UserInputError("--streaming: the stream's length is not known in advance; give --max_steps")
+            if self.data_mix is not None or self.packing:
+                raise UserInputError("--streaming packs one corpus into windows; it does not take --data_mix or "
+                                     "--packing (preprocess the corpora with tools/preprocess_data.py for a blend; "
+                                     "--packing is for SFT examples)")
+            if self.streaming_shuffle_windows < 1:
+                raise UserInputError(f"--streaming_shuffle_windows must be at least 1, got {self.streaming_shuffle_windows}")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise UserInputError("give --max_steps > 0 or --num_train_epochs > 0")
         if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
@@ -264,7 +280,8 @@ RUN_IDENTITY_FIELDS = (
 )
 # Identity fields added later: recorded only when not at their default, so that runs
 # written before they existed still resume.
-RUN_IDENTITY_OPTIONAL = {"packing": False, "packing_attention": "causal"}
+RUN_IDENTITY_OPTIONAL = {"packing": False, "packing_attention": "causal", "streaming": False, "text_key": "text",
+                         "streaming_shuffle_windows": 1000}
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -17,8 +17,8 @@ import torch
 
 from owlore_ds import checkpoint, distributed as dist, ds_config, methods, metrics, preemption
 from owlore_ds.config import TrainConfig
-from owlore_ds.errors import RunFailure
-from owlore_ds.data import GlobalBatches, TrainingData, load_training_data
+from owlore_ds.errors import RunFailure, UserInputError
+from owlore_ds.data import GlobalBatches, StreamingBatches, TrainingData, load_training_data
 from owlore_ds.layer_sampling import outlier_ratios
 from owlore_ds.modeling import check_block_size, check_document_attention, load_model, load_tokenizer, read_model_config
 
@@ -44,14 +44,29 @@ class Trainer:
         if cfg.packing or cfg.packing_attention == "document":
             check_document_attention(self.model_config, cfg.block_size,
                                      "--packing" if cfg.packing else "--packing_attention document")
-        self.data: TrainingData = load_training_data(
-            cfg.dataset_path, self.tokenizer, cfg.model_name_or_path, cfg.block_size, cfg.cache_dir,
-            self.model_config.vocab_size, packing=cfg.packing, packing_attention=cfg.packing_attention)
         self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
-        self.batches = GlobalBatches(len(self.data), self.global_batch, cfg.seed, shuffle=not cfg.no_shuffle)
+        self.stream: Optional[StreamingBatches] = None  # --streaming: the batches, read in step order
+        if cfg.streaming:
+            self.stream = StreamingBatches(cfg.dataset_path, cfg.text_key, self.tokenizer, cfg.block_size,
+                                           self.model_config.vocab_size, self.global_batch, cfg.seed,
+                                           shuffle=not cfg.no_shuffle, chunk_windows=cfg.streaming_shuffle_windows,
+                                           document_attention=cfg.packing_attention == "document")
+            self.batches: GlobalBatches | StreamingBatches = self.stream
+            self.data: TrainingData = self.stream.data
+        else:
+            self.data = load_training_data(
+                cfg.dataset_path, self.tokenizer, cfg.model_name_or_path, cfg.block_size, cfg.cache_dir,
+                self.model_config.vocab_size, packing=cfg.packing, packing_attention=cfg.packing_attention)
+            self.batches = GlobalBatches(len(self.data), self.global_batch, cfg.seed, shuffle=not cfg.no_shuffle)
         self.total_steps = cfg.total_steps(self.batches.steps_per_epoch)
         self.resume_path = checkpoint.resolve_resume(cfg, self.global_batch)
         self.resume_state = checkpoint.read_trainer_state(self.resume_path) if self.resume_path else None
+        if self.stream is not None:
+            # The stream position is global (not per rank): a run resumes on any number of ranks.
+            if self.resume_state is not None and "stream" not in self.resume_state:
+                raise UserInputError(f"{self.resume_path}: written by a run without --streaming (no stream position)")
+            self.stream.start(self.resume_state["stream"] if self.resume_state else None,
+                               int(self.resume_state["global_step"]) if self.resume_state else 0)
         family = methods.family(cfg)
         self.ds_config = family.engine_config(self.ds_config, cfg, cfg.deepspeed or "the default DeepSpeed config",
                                               self.resume_state)
@@ -123,7 +138,8 @@ class Trainer:
         return {"global_step": self.step, "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
                 "world_size": self.world, "zero_stage": ds_config.zero_stage(self.ds_config),
                 "precision": self.cfg.precision, "total_steps": self.total_steps,
-                "run_identity": checkpoint.run_identity(self.cfg, self.global_batch), **self.method.trainer_state()}
+                "run_identity": checkpoint.run_identity(self.cfg, self.global_batch), **self.method.trainer_state(),
+                **({"stream": self.stream.state()} if self.stream is not None else {})}
 
     def save(self) -> str:
         return checkpoint.save(self.step, self.cfg, self.trainer_state(), self.model_config, self.tokenizer,

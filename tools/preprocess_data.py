@@ -29,9 +29,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from owlore_ds.cli import run_main  # noqa: E402
-from owlore_ds.data import data_files, iter_jsonl  # noqa: E402
+from owlore_ds.data import data_files, documents  # noqa: E402
 from owlore_ds.errors import UserInputError  # noqa: E402
 from owlore_ds.data.indexed import IndexedWriter, token_dtype  # noqa: E402
+from owlore_ds.data.tokenize import encode_documents  # noqa: E402
 
 SUFFIXES = (".jsonl", ".parquet", ".txt")
 BATCH = 256  # documents a worker tokenizes per task: large enough that the pool's overhead is small
@@ -42,28 +43,6 @@ _dtype: Optional[type] = None
 
 def input_files(path: str) -> list[str]:
     return data_files(path, "--input", SUFFIXES)
-
-
-def documents(files: list[str], text_key: str) -> Iterator[str]:
-    """Every document's text, streamed (a file is never read whole, except a .txt, which is one document)."""
-    for path in files:
-        if path.endswith(".txt"):
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                yield fh.read()
-        elif path.endswith(".jsonl"):
-            for lineno, row in iter_jsonl(path):
-                if not isinstance(row.get(text_key), str):
-                    raise UserInputError(f"{path}: line {lineno} has no string {text_key!r} (--text_key); "
-                                         f"found {sorted(row)}")
-                yield row[text_key]
-        else:
-            import pyarrow.parquet as pq
-
-            table = pq.ParquetFile(path)
-            if text_key not in table.schema_arrow.names:
-                raise UserInputError(f"{path}: no column {text_key!r} (--text_key); found {table.schema_arrow.names}")
-            for batch in table.iter_batches(columns=[text_key], batch_size=1024):
-                yield from (text or "" for text in batch.column(0).to_pylist())
 
 
 def _start_worker(tokenizer_dir: str) -> None:
@@ -80,7 +59,7 @@ def _start_worker(tokenizer_dir: str) -> None:
 def _encode(texts: list[str]) -> tuple[np.ndarray, list[int], int]:
     """The documents' tokens back to back, their lengths (one array to send back, not one per
     document) and how many input documents they came from (empty ones are skipped)."""
-    encoded = [ids + [_tokenizer.eos_token_id] for ids in _tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
+    encoded = [ids for ids in encode_documents(_tokenizer, texts) if ids]
     flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=_dtype)
     return flat, [len(ids) for ids in encoded], len(texts)
 

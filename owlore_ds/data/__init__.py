@@ -10,6 +10,8 @@ Formats (detected from the file; records.py):
 - a folder: every .json/.jsonl/.parquet/.txt file in it (a .txt file is one text)
 - Megatron-LM indexed datasets (P.bin + P.idx; indexed.py), cut into windows or blended
   by weight (windows.py).
+- --streaming: a Hugging Face datasets folder or .jsonl/.parquet/.txt files read, tokenized and
+  cut into the same windows while training (streaming.py).
 
 Every example becomes a row of `block_size` token ids with labels (-100 where no loss
 is taken) and an attention mask (tokenize.py); with `packing`, examples are packed several
@@ -21,11 +23,13 @@ the number of ranks or on the micro-batch/accumulation split.
 
 from owlore_ds.data.batches import GlobalBatches, calibration_windows
 from owlore_ds.data.loading import dataset_counts, load_training_data, render_example
-from owlore_ds.data.records import data_files, iter_jsonl, read_records
+from owlore_ds.data.records import data_files, documents, iter_jsonl, read_records
+from owlore_ds.data.streaming import StreamingBatches
 from owlore_ds.data.rows import IGNORE_INDEX, TokenizedData, TrainingData
 from owlore_ds.data.tokenize import assemble_rows, encode_records, pack_examples, tokenize_records
 from owlore_ds.data.windows import BlendedWindows, PackedWindows
 
-__all__ = ["IGNORE_INDEX", "BlendedWindows", "GlobalBatches", "PackedWindows", "TokenizedData", "TrainingData",
-           "assemble_rows", "calibration_windows", "data_files", "dataset_counts", "encode_records", "iter_jsonl",
-           "load_training_data", "pack_examples", "read_records", "render_example", "tokenize_records"]
+__all__ = ["IGNORE_INDEX", "BlendedWindows", "GlobalBatches", "PackedWindows", "StreamingBatches", "TokenizedData",
+           "TrainingData", "assemble_rows", "calibration_windows", "data_files", "dataset_counts", "documents",
+           "encode_records", "iter_jsonl", "load_training_data", "pack_examples", "read_records", "render_example",
+           "tokenize_records"]

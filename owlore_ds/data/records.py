@@ -56,6 +56,30 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             yield lineno, row
 
 
+def documents(files: list[str], text_key: str) -> Iterator[str]:
+    """Every document's text of .jsonl (its `text_key`), .parquet (its `text_key` column) and .txt
+    (one document) files, streamed: a file is never read whole, except a .txt. The reader of
+    tools/preprocess_data.py and of --streaming."""
+    for path in files:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                yield fh.read()
+        elif path.endswith(".jsonl"):
+            for lineno, row in iter_jsonl(path):
+                if not isinstance(row.get(text_key), str):
+                    raise UserInputError(f"{path}: line {lineno} has no string {text_key!r} (--text_key); "
+                                         f"found {sorted(row)}")
+                yield row[text_key]
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.ParquetFile(path)
+            if text_key not in table.schema_arrow.names:
+                raise UserInputError(f"{path}: no column {text_key!r} (--text_key); found {table.schema_arrow.names}")
+            for batch in table.iter_batches(columns=[text_key], batch_size=1024):
+                yield from (text or "" for text in batch.column(0).to_pylist())
+
+
 def _load_jsonl(path: str) -> list[dict]:
     return [row for _, row in iter_jsonl(path)]
 

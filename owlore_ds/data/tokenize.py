@@ -40,6 +40,14 @@ def _eos(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's tokens (no special tokens) followed by EOS, as Megatron's preprocess_data.py
+    --append-eod writes a document; [] for a text with no tokens (which Megatron skips). The
+    tokens of tools/preprocess_data.py and of --streaming, so a streamed corpus trains on the
+    token stream of its preprocessed form."""
+    return [ids + [tokenizer.eos_token_id] if ids else [] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def _pack_texts(documents: list[list[int]], block_size: int) -> tuple[list[list[int]], list[list[int]]]:
     stream = [token for document in documents for token in document]
     blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
