@@ -189,3 +189,20 @@ def test_bad_streaming_input_is_one_line(tmp_path, tiny_llama, tokenizer):
     _expect_error(common_args(tiny_llama, hf, out, streaming=True, text_key="body", packing=True), out,
                   "--streaming", "--packing")
     assert not out.exists()
+
+
+def test_preprocess_reads_a_datasets_folder_as_its_jsonl(corpus, tokenizer_dir, tmp_path):
+    """tools/preprocess_data.py --input on the datasets folder writes the shards its .jsonl twin gave."""
+    hf, _, prefix = corpus
+    out = tmp_path / "from_hf"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(hf),
+                             "--tokenizer", str(tokenizer_dir), "--output_prefix", str(out), "--workers", "2"],
+                            env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for suffix in (".bin", ".idx"):
+        assert Path(f"{out}{suffix}").read_bytes() == Path(f"{prefix}{suffix}").read_bytes()
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(hf),
+                             "--tokenizer", str(tokenizer_dir), "--output_prefix", str(tmp_path / "bad"),
+                             "--text_key", "body"], env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--input" in result.stderr and "no column 'body' (--text_key)" in result.stderr
+    assert not list(tmp_path.glob("bad*"))

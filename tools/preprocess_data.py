@@ -3,8 +3,9 @@
     python tools/preprocess_data.py --input CORPUS --tokenizer DIR --output_prefix P --workers N [--text_key text]
 
 CORPUS is a .jsonl file (one document a line, its text under --text_key), a .parquet
-file (a --text_key column), a .txt file (one document), or a folder of those (in sorted
-order). Each document is tokenized without special tokens and ends in EOS, as Megatron's
+file (a --text_key column), a .txt file (one document), a folder of those (in sorted
+order), or a Hugging Face datasets folder (Dataset.save_to_disk's output, its --text_key
+column, read memory-mapped). Each document is tokenized without special tokens and ends in EOS, as Megatron's
 preprocess_data.py --append-eod writes it; empty documents are skipped, as there. Tokens
 are uint16 when the vocabulary has fewer than 65500 entries, else int32. Then train with
 `--dataset_path P`.
@@ -29,20 +30,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from owlore_ds.cli import run_main  # noqa: E402
-from owlore_ds.data import data_files, documents  # noqa: E402
+from owlore_ds.data.records import DocumentSource  # noqa: E402
 from owlore_ds.errors import UserInputError  # noqa: E402
 from owlore_ds.data.indexed import IndexedWriter, token_dtype  # noqa: E402
 from owlore_ds.data.tokenize import encode_documents  # noqa: E402
 
-SUFFIXES = (".jsonl", ".parquet", ".txt")
 BATCH = 256  # documents a worker tokenizes per task: large enough that the pool's overhead is small
 
 _tokenizer = None
 _dtype: Optional[type] = None
-
-
-def input_files(path: str) -> list[str]:
-    return data_files(path, "--input", SUFFIXES)
 
 
 def _start_worker(tokenizer_dir: str) -> None:
@@ -87,9 +83,9 @@ def preprocess(input_path: str, tokenizer_dir: str, output_prefix: str, workers:
     returns (documents, tokens)."""
     from tqdm import tqdm
 
-    files = input_files(input_path)
+    source = DocumentSource(input_path, text_key, "--input")
     _start_worker(tokenizer_dir)  # in this process too: the dtype, and tokenizing when workers == 1
-    writer = IndexedWriter(output_prefix, _dtype, identity=_identity(files, tokenizer_dir, text_key))
+    writer = IndexedWriter(output_prefix, _dtype, identity=_identity(source.files(), tokenizer_dir, text_key))
     read, resumed_tokens = writer.documents_read, writer.tokens
     if read:
         print(f"resuming {output_prefix}: {read} input documents already done "
@@ -97,7 +93,7 @@ def preprocess(input_path: str, tokenizer_dir: str, output_prefix: str, workers:
     start = last_checkpoint = time.perf_counter()
     pool = None
     try:
-        batches = _batches(itertools.islice(documents(files, text_key), read, None))
+        batches = _batches(source.texts(read))
         if workers > 1:
             import multiprocessing
 
@@ -136,7 +132,7 @@ def preprocess(input_path: str, tokenizer_dir: str, output_prefix: str, workers:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help=".jsonl, .parquet or .txt file, or a folder of them")
+    parser.add_argument("--input", required=True, help=".jsonl, .parquet or .txt file, a folder of them, or a datasets folder (save_to_disk)")
     parser.add_argument("--tokenizer", required=True, help="folder of a Hugging Face tokenizer (a model folder will do)")
     parser.add_argument("--output_prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")

@@ -32,78 +32,20 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
-import os
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
-from owlore_ds.data.records import data_files, documents
+from owlore_ds.data.records import DocumentSource
 from owlore_ds.data.tokenize import encode_documents
 from owlore_ds.data.windows import _Windows
 from owlore_ds.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-STREAM_SUFFIXES = (".jsonl", ".parquet", ".txt")
 TOKENIZE_BATCH = 64  # documents tokenized together (the fast tokenizer's batch call)
-READ_BATCH = 1024  # rows of a datasets folder read at a time
-
-
-class DocumentSource:
-    """The documents' texts in order, from any document on."""
-
-    def __init__(self, path: str, text_key: str):
-        self.path = path
-        self.text_key = text_key
-        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-            with open(os.path.join(path, "dataset_dict.json")) as fh:
-                splits = json.load(fh).get("splits", [])
-            raise UserInputError(f"--dataset_path {path}: a DatasetDict of splits {splits}; with --streaming give one "
-                                 f"split's folder, e.g. {os.path.join(path, splits[0] if splits else 'train')}")
-        self._dataset = None
-        self._files: list[str] = []
-        if os.path.isfile(os.path.join(path, "state.json")):
-            self._dataset = _open_datasets_folder(path, text_key)
-        elif os.path.isfile(path) or (os.path.isdir(path) and any(
-                name.endswith(STREAM_SUFFIXES) for name in os.listdir(path))):
-            self._files = data_files(path, "--dataset_path", STREAM_SUFFIXES)
-        else:
-            raise UserInputError(
-                f"--dataset_path {path}: --streaming reads a Hugging Face datasets folder (Dataset.save_to_disk: "
-                f"state.json, dataset_info.json and .arrow files) or .jsonl/.parquet/.txt files; "
-                f"{'the folder holds neither' if os.path.isdir(path) else 'no such file or folder'}")
-
-    def kind(self) -> str:
-        return "datasets folder" if self._dataset is not None else f"{len(self._files)} file(s)"
-
-    def texts(self, start: int) -> Iterator[str]:
-        """The texts of documents start, start + 1, ...: a datasets folder is read from `start`
-        on; files are read from their beginning and the first `start` documents passed over
-        (parsed, not tokenized)."""
-        if self._dataset is None:
-            yield from itertools.islice(documents(self._files, self.text_key), start, None)
-            return
-        for lo in range(start, len(self._dataset), READ_BATCH):
-            yield from (text or "" for text in self._dataset[lo : lo + READ_BATCH][self.text_key])
-
-
-def _open_datasets_folder(path: str, text_key: str):
-    import datasets
-
-    try:
-        dataset = datasets.load_from_disk(path)  # memory-maps the arrow files: nothing is read yet
-    except Exception as exc:  # datasets raises several types for a damaged folder
-        raise UserInputError(f"--dataset_path {path}: not a readable datasets folder ({type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
-    if text_key not in dataset.column_names:
-        raise UserInputError(f"--dataset_path {path}: no column {text_key!r} (--text_key); found {dataset.column_names}")
-    feature = dataset.features[text_key]
-    if getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise UserInputError(f"--dataset_path {path}: column {text_key!r} (--text_key) holds {feature}, not text")
-    return dataset.select_columns([text_key])
 
 
 class TokenReader:
