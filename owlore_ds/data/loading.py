@@ -10,6 +10,7 @@ import torch
 
 from owlore_ds.data.indexed import IndexedDataset, is_prefix
 from owlore_ds.data.records import read_records
+from owlore_ds.data.sample_index import SampleIndexCache
 from owlore_ds.data.rows import IGNORE_INDEX, CompactRows, TrainingData
 from owlore_ds.data.tokenize import cache_key, tokenize_once
 from owlore_ds.data.windows import BlendedWindows, PackedWindows, is_mix, parse_mix
@@ -37,17 +38,19 @@ def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int
         raise UserInputError(f"--packing_attention document applies to indexed data (--dataset_path PREFIX or "
                              f"--data_mix); for the examples of {path} use --packing")
     if is_mix(path):
-        parts, weights = [], []
+        parts, weights, prefixes = [], [], []
         for prefix, weight in parse_mix(path):
             parts.append(PackedWindows(IndexedDataset(prefix), block_size, vocab_size, document_attention))
             weights.append(weight)
-        blend = BlendedWindows(parts, weights)
+            prefixes.append(prefix)
+        blend = BlendedWindows(parts, weights, SampleIndexCache(prefixes, cache_dir))
         if len(blend) == 0:
             raise UserInputError(f"--data_mix {path}: a dataset holds fewer than one block of {block_size} tokens")
         log.info("data mix %s: %d windows of %d tokens", path, len(blend), block_size)
         return blend
     if is_prefix(prefix):
         windows = PackedWindows(IndexedDataset(prefix), block_size, vocab_size, document_attention)
+        windows.sample_index = SampleIndexCache([prefix], cache_dir)  # for GlobalBatches' shuffles
         if len(windows) == 0:
             raise UserInputError(f"--dataset_path {path}: {windows.num_tokens()} tokens, fewer than one block of {block_size}")
         log.info("dataset %s: indexed, %d documents, %d windows of %d tokens", prefix,
