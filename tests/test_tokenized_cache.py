@@ -13,6 +13,7 @@ import torch
 
 from owlore_ds.data import CompactRows, load_training_data, read_records, tokenize_records
 from owlore_ds.data.tokenize import cache_key
+from owlore_ds.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,3 +128,16 @@ def test_a_second_load_reads_the_cache_and_a_new_template_writes_another(tmp_pat
     other = load_training_data(str(path), tokenizer, str(folder), 64, str(cache), len(tokenizer))
     assert len(list((cache / "tokenized").iterdir())) == 2
     assert not torch.equal(other.batch(torch.arange(4))["input_ids"], first.batch(torch.arange(4))["input_ids"])
+
+
+def test_ids_outside_the_vocabulary_are_refused_and_wide_ids_kept_whole(tmp_path, tokenizer, tokenizer_dir):
+    path = tmp_path / "ids.jsonl"
+    path.write_text(json.dumps({"input_ids": [5, 70000, 7]}) + "\n" + json.dumps({"input_ids": [5, 6]}), encoding="utf-8")
+    with pytest.raises(UserInputError, match="token id 70000 is outside the model's vocabulary of 512"):
+        load_training_data(str(path), tokenizer, str(tokenizer_dir), 16, str(tmp_path / "c"), 512)
+    wide = load_training_data(str(path), tokenizer, str(tokenizer_dir), 16, str(tmp_path / "c"), 100_000)
+    assert wide._tokens.dtype == np.int32  # 70000 does not fit in uint16
+    assert wide.batch(torch.arange(2))["input_ids"][:, :3].tolist() == [[5, 70000, 7], [5, 6, tokenizer.pad_token_id]]
+    path.write_text(json.dumps({"input_ids": [5, -3, 7]}), encoding="utf-8")
+    with pytest.raises(UserInputError, match="token id -3 is outside the model's vocabulary"):
+        load_training_data(str(path), tokenizer, str(tokenizer_dir), 16, str(tmp_path / "c"), 512)

@@ -23,7 +23,8 @@ from owlore_ds.data.indexed import token_dtype
 from owlore_ds.data.rows import IGNORE_INDEX, TokenizedData
 from owlore_ds.errors import UserInputError
 
-CACHE_VERSION = "3"  # 3: compact folders (CompactRows), the tokenizer's every file keyed; 2: Alpaca rows were text2text in 1
+# 3: compact folders (CompactRows), every tokenizer file in the key; 2: Alpaca rows were text2text in 1
+CACHE_VERSION = "3"
 # What in a model folder decides how text is tokenized (and so the cache's content): the
 # tokenizer's own files, special tokens and chat templates (tokenizer_config.json or a
 # separate .jinja); never the weights, which would be slow to hash and change nothing.
