@@ -50,7 +50,7 @@ class Trainer:
         self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
         # Indexed data brings a sample_index: its shuffles are built once, kept beside it and memory-mapped.
         self.batches = GlobalBatches(len(self.data), self.global_batch, cfg.seed, shuffle=not cfg.no_shuffle,
-                                     sample_index=getattr(self.data, "sample_index", None))
+                                     sample_index=self.data.sample_index)
         self.total_steps = cfg.total_steps(self.batches.steps_per_epoch)
         self.resume_path = checkpoint.resolve_resume(cfg, self.global_batch)
         self.resume_state = checkpoint.read_trainer_state(self.resume_path) if self.resume_path else None

@@ -324,6 +324,34 @@ def test_sample_indices_are_built_once_beside_the_data_and_memory_mapped(tmp_pat
     assert len([path for path in tmp_path.glob("first.blend.*.npy")]) == 2
 
 
+def test_sample_indices_of_data_in_a_read_only_folder_go_under_cache_dir(tmp_path, tokenizer, tokenizer_dir, caplog):
+    import logging
+
+    from owlore_ds.data import GlobalBatches
+
+    data_folder = tmp_path / "data"
+    data_folder.mkdir()
+    first, second = _blend_shards(data_folder)
+    if os.geteuid() == 0:  # root writes through permissions; an immutable folder stops it too
+        if subprocess.run(["chattr", "+i", str(data_folder)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here to make a folder read-only for root")
+        undo = ["chattr", "-i", str(data_folder)]
+    else:
+        data_folder.chmod(0o555)
+        undo = ["chmod", "755", str(data_folder)]
+    try:
+        with caplog.at_level(logging.INFO, logger="owlore_ds.data.sample_index"):
+            data = load_training_data(f"{first}:0.7,{second}:0.3", tokenizer, str(tokenizer_dir), 8,
+                                      str(tmp_path / "c"), vocab_size=1000)
+            rows = GlobalBatches(len(data), 10, 5, shuffle=True, sample_index=data.sample_index).rows(3)
+    finally:
+        subprocess.run(undo, check=True)
+    assert torch.equal(rows, GlobalBatches(len(data), 10, 5, shuffle=True).rows(3))
+    assert sorted(p.name.split(".")[1] for p in (tmp_path / "c" / "sample_index").iterdir()) == ["blend", "order"]
+    assert not list(data_folder.glob("*.npy"))
+    assert any("is not writable, kept under --cache_dir" in record.getMessage() for record in caplog.records)
+
+
 def test_data_mix_trains_alike_on_one_and_two_ranks_and_after_a_kill(shards, tiny_llama, tmp_path):
     prefix, _ = shards
     second = tmp_path / "second"

@@ -7,16 +7,22 @@ import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from owlore_ds.data.sample_index import SampleIndexCache
 
 IGNORE_INDEX = -100
 
 
 class TrainingData(Protocol):
     """What the trainer asks of a dataset: rows by index, never the whole dense tensors."""
+
+    # Where GlobalBatches keeps its shuffles (indexed data: files beside it); None: in memory.
+    sample_index: Optional[SampleIndexCache]
 
     def __len__(self) -> int: ...
 
@@ -40,6 +46,7 @@ class TrainingData(Protocol):
 
 @dataclass
 class TokenizedData:
+    sample_index = None  # (not a field) small data: the shuffles are kept in memory
     input_ids: torch.Tensor  # [N, block_size] int64
     labels: torch.Tensor  # [N, block_size] int64, IGNORE_INDEX where no loss
     attention_mask: torch.Tensor  # [N, block_size] int64
