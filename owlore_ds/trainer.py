@@ -57,7 +57,9 @@ class Trainer:
             self.data = load_training_data(
                 cfg.dataset_path, self.tokenizer, cfg.model_name_or_path, cfg.block_size, cfg.cache_dir,
                 self.model_config.vocab_size, packing=cfg.packing, packing_attention=cfg.packing_attention)
-            self.batches = GlobalBatches(len(self.data), self.global_batch, cfg.seed, shuffle=not cfg.no_shuffle)
+            # Indexed data brings a sample_index: its shuffles are built once, kept beside it and memory-mapped.
+            self.batches = GlobalBatches(len(self.data), self.global_batch, cfg.seed, shuffle=not cfg.no_shuffle,
+                                         sample_index=self.data.sample_index)
         self.total_steps = cfg.total_steps(self.batches.steps_per_epoch)
         self.resume_path = checkpoint.resolve_resume(cfg, self.global_batch)
         self.resume_state = checkpoint.read_trainer_state(self.resume_path) if self.resume_path else None

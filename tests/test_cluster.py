@@ -397,7 +397,7 @@ def test_two_nodes_equal_one_node(tmp_path, one_node_run, task_data, launcher, m
 
     assert json.loads((two_nodes / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 4
     # Each node's LOCAL_RANK 0 tokenized into the node's cache (RANK 0 and RANK 2).
-    assert all(list((tmp_path / f"cache{node}" / "tokenized").glob("*.pt")) for node in (0, 1))
+    assert all(list((tmp_path / f"cache{node}" / "tokenized").glob("*/meta.json")) for node in (0, 1))
     metrics = read_metrics(two_nodes)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # one writer: RANK 0, not every LOCAL_RANK 0
     reference = read_metrics(one_node)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import common_args, run_training
 from owlore_ds.metrics import read_metrics
-from owlore_ds.data import IGNORE_INDEX, GlobalBatches, load_training_data, read_records, tokenize_records
+from owlore_ds.data import IGNORE_INDEX, GlobalBatches, TokenizedData, load_training_data, read_records, tokenize_records
 from owlore_ds.errors import UserInputError
 
 
@@ -26,9 +26,11 @@ def _write(path: Path, data) -> Path:
     return path
 
 
-def _load(path: Path, tokenizer, tokenizer_dir, block_size: int = 48):
-    return load_training_data(str(path), tokenizer, str(tokenizer_dir), block_size, str(path.parent / "cache"),
+def _load(path: Path, tokenizer, tokenizer_dir, block_size: int = 48) -> TokenizedData:
+    """The dataset as training loads it (the memory-mapped cache), every row widened to dense tensors."""
+    data = load_training_data(str(path), tokenizer, str(tokenizer_dir), block_size, str(path.parent / "cache"),
                               vocab_size=len(tokenizer))
+    return TokenizedData(**data.batch(torch.arange(len(data))))
 
 
 def _targets(data, row: int) -> list[int]:
@@ -273,7 +275,8 @@ def _tokenize_on_rank(rank: int, world: int, init_file: str, dataset: str, token
     tokenize_module.encode_records = counting
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     data = load_training_data(dataset, tokenizer, tokenizer_dir, 64, cache, vocab_size=len(tokenizer))
-    results[rank] = (encoded, data.input_ids.clone(), data.labels.clone())
+    rows = data.batch(torch.arange(len(data)))
+    results[rank] = (encoded, rows["input_ids"], rows["labels"])
     torch_dist.destroy_process_group()
 
 
@@ -293,6 +296,7 @@ def test_the_ranks_of_a_node_share_the_tokenizing_and_write_one_cache(tmp_path, 
     records = len(read_records(str(dataset))[1])
     alone = load_training_data(str(dataset), tokenizer, str(tokenizer_dir), 64, str(tmp_path / "alone"),
                                vocab_size=len(tokenizer))
+    alone = alone.batch(torch.arange(len(alone)))
     results = mp.Manager().dict()
     cache = tmp_path / "shared"
     mp.spawn(_tokenize_on_rank, args=(3, str(tmp_path / "init"), str(dataset), str(tokenizer_dir), str(cache), results),
@@ -300,5 +304,6 @@ def test_the_ranks_of_a_node_share_the_tokenizing_and_write_one_cache(tmp_path, 
     shares = [results[rank][0] for rank in range(3)]
     assert shares == [[records * (r + 1) // 3 - records * r // 3] for r in range(3)]
     for rank in range(3):
-        assert torch.equal(results[rank][1], alone.input_ids) and torch.equal(results[rank][2], alone.labels)
-    assert [p.suffix for p in (cache / "tokenized").iterdir()] == [".pt"]  # the cache alone, no shares left
+        assert torch.equal(results[rank][1], alone["input_ids"]) and torch.equal(results[rank][2], alone["labels"])
+    written = list((cache / "tokenized").iterdir())
+    assert len(written) == 1 and (written[0] / "meta.json").is_file()  # the cache alone, no shares left

@@ -8,6 +8,7 @@ read back the same independent way.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -254,6 +255,8 @@ def test_one_rank_equals_two_ranks_on_shards(shards, tiny_llama, tmp_path):
                              gradient_accumulation_steps=2, max_steps=3), nproc=2)
     assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(two)], rel=1e-5)
     assert_same_weights(final_weights(one), final_weights(two))
+    # Both runs shuffled with the epoch's permutation kept beside the shards (one file: seed 7, epoch 0).
+    assert len(list(prefix.parent.glob(f"{prefix.name}.order.*.npy"))) == 1
 
 
 def _blend_shards(folder: Path) -> tuple[Path, Path]:
@@ -280,6 +283,73 @@ def test_data_mix_interleaves_in_the_weights_without_repeating(tmp_path, tokeniz
                           (f"{first}:1,{tmp_path / 'nowhere'}:1", "nowhere.idx and .*nowhere.bin do not both exist")):
         with pytest.raises(UserInputError, match=message):
             load_training_data(spec, tokenizer, str(tokenizer_dir), 8, str(tmp_path / "c"), vocab_size=1000)
+
+
+def test_sample_indices_are_built_once_beside_the_data_and_memory_mapped(tmp_path, tokenizer, tokenizer_dir):
+    """The blend's order and each epoch's shuffle: files beside the first prefix, opened
+    memory-mapped, equal to the order built in memory, reused by the next load, and new
+    ones for another seed or changed data."""
+    from owlore_ds.data import BlendedWindows, GlobalBatches
+
+    first, second = _blend_shards(tmp_path)
+    mix = f"{first}:0.7,{second}:0.3"
+
+    def load():
+        return load_training_data(mix, tokenizer, str(tokenizer_dir), 8, str(tmp_path / "c"), vocab_size=1000)
+
+    def order(data, seed: int, cached: bool = True) -> torch.Tensor:  # 25 steps of 10 rows: 3 epochs
+        batches = GlobalBatches(len(data), 10, seed, shuffle=True, sample_index=data.sample_index if cached else None)
+        return torch.cat([batches.rows(step) for step in range(25)])
+
+    data = load()
+    cached = order(data, 3)
+    assert isinstance(data.picks, np.memmap)
+    assert np.array_equal(data.picks, BlendedWindows(data.parts, [0.7, 0.3]).picks)  # built in memory, no cache
+    assert torch.equal(cached, order(data, 3, cached=False))
+    files = {path: path.stat().st_mtime_ns for path in tmp_path.glob("first.*.npy")}
+    assert sorted(path.name.split(".")[1] for path in files) == ["blend", "order", "order", "order"]
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "c").exists()
+    again = load()
+    assert torch.equal(order(again, 3), cached) and torch.equal(again.batch(cached)["input_ids"],
+                                                                 data.batch(cached)["input_ids"])
+    assert {path: path.stat().st_mtime_ns for path in tmp_path.glob("first.*.npy")} == files  # read, not rebuilt
+    other_seed = order(again, 4)
+    new = sorted(set(tmp_path.glob("first.*.npy")) - set(files))
+    assert len(new) == 3 and not torch.equal(other_seed, cached)
+    assert all(not np.array_equal(np.load(path), np.load(old)) for path in new for old in files if "order" in old.name)
+    second_idx = Path(f"{second}.idx")
+    stamp = second_idx.stat().st_mtime_ns
+    os.utime(second_idx, ns=(stamp + 10**9, stamp + 10**9))  # the data changed: the blend is rebuilt
+    load()
+    assert len([path for path in tmp_path.glob("first.blend.*.npy")]) == 2
+
+
+def test_sample_indices_of_data_in_a_read_only_folder_go_under_cache_dir(tmp_path, tokenizer, tokenizer_dir, caplog):
+    import logging
+
+    from owlore_ds.data import GlobalBatches
+
+    data_folder = tmp_path / "data"
+    data_folder.mkdir()
+    first, second = _blend_shards(data_folder)
+    if os.geteuid() == 0:  # root writes through permissions; an immutable folder stops it too
+        if subprocess.run(["chattr", "+i", str(data_folder)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here to make a folder read-only for root")
+        undo = ["chattr", "-i", str(data_folder)]
+    else:
+        data_folder.chmod(0o555)
+        undo = ["chmod", "755", str(data_folder)]
+    try:
+        with caplog.at_level(logging.INFO, logger="owlore_ds.data.sample_index"):
+            data = load_training_data(f"{first}:0.7,{second}:0.3", tokenizer, str(tokenizer_dir), 8,
+                                      str(tmp_path / "c"), vocab_size=1000)
+            rows = GlobalBatches(len(data), 10, 5, shuffle=True, sample_index=data.sample_index).rows(3)
+    finally:
+        subprocess.run(undo, check=True)
+    assert torch.equal(rows, GlobalBatches(len(data), 10, 5, shuffle=True).rows(3))
+    assert sorted(p.name.split(".")[1] for p in (tmp_path / "c" / "sample_index").iterdir()) == ["blend", "order"]
+    assert not list(data_folder.glob("*.npy"))
+    assert any("is not writable, kept under --cache_dir" in record.getMessage() for record in caplog.records)
 
 
 def test_data_mix_trains_alike_on_one_and_two_ranks_and_after_a_kill(shards, tiny_llama, tmp_path):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
+import numpy as np
 import torch
 
 from owlore_ds.data.rows import TrainingData
+from owlore_ds.data.sample_index import SampleIndexCache
 from owlore_ds.errors import UserInputError
 
 
@@ -14,9 +19,14 @@ class GlobalBatches:
     Step s of epoch e = s // steps_per_epoch trains on rows perm_e[j*B:(j+1)*B] with
     j = s % steps_per_epoch, where perm_e is a seeded permutation (identity with
     --no_shuffle) and B the global batch. The last partial batch of an epoch is dropped.
+
+    With a `sample_index` (indexed data, whose windows can be billions) each epoch's
+    permutation is built once, kept as a file beside the data and memory-mapped, so no
+    rank holds it; without one (the small formats) it is built in memory, the same order.
     """
 
-    def __init__(self, num_examples: int, global_batch: int, seed: int, shuffle: bool):
+    def __init__(self, num_examples: int, global_batch: int, seed: int, shuffle: bool,
+                 sample_index: Optional[SampleIndexCache] = None):
         if num_examples < global_batch:
             raise UserInputError(
                 f"the dataset has {num_examples} examples, fewer than one global batch of {global_batch} "
@@ -27,19 +37,29 @@ class GlobalBatches:
         self.seed = seed
         self.shuffle = shuffle
         self.steps_per_epoch = num_examples // global_batch
-        self._epoch, self._order = -1, torch.arange(num_examples)
+        self.sample_index = sample_index
+        self._epoch, self._order = -1, None
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
+    def _permutation(self, epoch: int) -> np.ndarray:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.num_examples, generator=generator).numpy()
+        return order.astype(np.int32) if self.num_examples < 2**31 else order
+
     def rows(self, step: int) -> torch.Tensor:
-        epoch = self.epoch_of(step)
-        if self.shuffle and epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._order = torch.randperm(self.num_examples, generator=generator)
-        self._epoch = epoch
         start = (step % self.steps_per_epoch) * self.global_batch
-        return self._order[start : start + self.global_batch]
+        if not self.shuffle:
+            return torch.arange(start, start + self.global_batch)
+        epoch = self.epoch_of(step)
+        if epoch != self._epoch:
+            build = functools.partial(self._permutation, epoch)
+            # The permutation is torch's: a new torch may draw another, so its version is in the key.
+            key = {"examples": self.num_examples, "seed": self.seed, "epoch": epoch, "torch": torch.__version__}
+            self._order = build() if self.sample_index is None else self.sample_index.array("order", key, build)
+            self._epoch = epoch
+        return torch.from_numpy(self._order[start : start + self.global_batch].astype(np.int64))
 
     @staticmethod
     def micro_rows(rows: torch.Tensor, micro_step: int, rank: int, world: int, micro_batch: int) -> torch.Tensor:

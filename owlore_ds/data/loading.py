@@ -10,7 +10,8 @@ import torch
 
 from owlore_ds.data.indexed import IndexedDataset, is_prefix
 from owlore_ds.data.records import read_records
-from owlore_ds.data.rows import IGNORE_INDEX, TokenizedData, TrainingData
+from owlore_ds.data.sample_index import SampleIndexCache
+from owlore_ds.data.rows import IGNORE_INDEX, CompactRows, TrainingData
 from owlore_ds.data.tokenize import cache_key, tokenize_once
 from owlore_ds.data.windows import BlendedWindows, PackedWindows, is_mix, parse_mix
 from owlore_ds.errors import UserInputError
@@ -21,8 +22,8 @@ log = logging.getLogger(__name__)
 def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int, cache_dir: str,
                        vocab_size: int, packing: bool = False, packing_attention: str = "causal") -> TrainingData:
     """Opens a Megatron indexed dataset (a prefix P of P.idx + P.bin) memory-mapped, or reads,
-    checks and tokenizes a dataset of the small formats: one process per node tokenizes,
-    the rest read its cache.
+    checks and tokenizes a dataset of the small formats: the ranks of a node share the
+    tokenizing, one writes the compact cache, and every rank opens it memory-mapped.
 
     `packing` (SFT examples several to a block) applies to the small formats,
     `packing_attention` ("causal": one stream; "document": attention and positions kept
@@ -37,17 +38,19 @@ def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int
         raise UserInputError(f"--packing_attention document applies to indexed data (--dataset_path PREFIX or "
                              f"--data_mix); for the examples of {path} use --packing")
     if is_mix(path):
-        parts, weights = [], []
+        parts, weights, prefixes = [], [], []
         for prefix, weight in parse_mix(path):
             parts.append(PackedWindows(IndexedDataset(prefix), block_size, vocab_size, document_attention))
             weights.append(weight)
-        blend = BlendedWindows(parts, weights)
+            prefixes.append(prefix)
+        blend = BlendedWindows(parts, weights, SampleIndexCache(prefixes, cache_dir))
         if len(blend) == 0:
             raise UserInputError(f"--data_mix {path}: a dataset holds fewer than one block of {block_size} tokens")
         log.info("data mix %s: %d windows of %d tokens", path, len(blend), block_size)
         return blend
     if is_prefix(prefix):
         windows = PackedWindows(IndexedDataset(prefix), block_size, vocab_size, document_attention)
+        windows.sample_index = SampleIndexCache([prefix], cache_dir)  # for GlobalBatches' shuffles
         if len(windows) == 0:
             raise UserInputError(f"--dataset_path {path}: {windows.num_tokens()} tokens, fewer than one block of {block_size}")
         log.info("dataset %s: indexed, %d documents, %d windows of %d tokens", prefix,
@@ -59,14 +62,14 @@ def load_training_data(path: str, tokenizer, tokenizer_dir: str, block_size: int
                                  "an indexed dataset needs both")
     kind, records, files = read_records(path)  # every rank checks, so every rank raises the same error
     key = cache_key(files, tokenizer_dir, block_size, packing)
-    cache_path = os.path.join(os.path.expanduser(cache_dir), "tokenized", f"{key}.pt")
+    cache_path = os.path.join(os.path.expanduser(cache_dir), "tokenized", key)
     tokenize_once(path, cache_path, kind, records, tokenizer, block_size, packing)
-    data = TokenizedData(**torch.load(cache_path, weights_only=True))
+    data = CompactRows.open(cache_path)
     if len(data) == 0:
         raise UserInputError(f"--dataset_path {path}: no training example fits (block_size {block_size}); the dataset is empty")
-    top = int(data.input_ids.max())
-    if top >= vocab_size:
-        raise UserInputError(f"--dataset_path {path}: token id {top} is outside the model's vocabulary of {vocab_size}")
+    for token in data.token_range:
+        if not 0 <= token < vocab_size:
+            raise UserInputError(f"--dataset_path {path}: token id {token} is outside the model's vocabulary of {vocab_size}")
     log.info("dataset %s: %s, %d %s of %d tokens", path, kind, len(data), "packed rows" if packing else "examples",
              block_size)
     return data

@@ -5,20 +5,31 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import itertools
+import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import uuid
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
 
 from owlore_ds import distributed as dist
+from owlore_ds.data.indexed import token_dtype
 from owlore_ds.data.rows import IGNORE_INDEX, TokenizedData
 from owlore_ds.errors import UserInputError
 
-CACHE_VERSION = "2"  # 2: Alpaca rows were text2text in 1
+# 3: compact folders (CompactRows), every tokenizer file in the key; 2: Alpaca rows were text2text in 1
+CACHE_VERSION = "3"
+# What in a model folder decides how text is tokenized (and so the cache's content): the
+# tokenizer's own files, special tokens and chat templates (tokenizer_config.json or a
+# separate .jinja); never the weights, which would be slow to hash and change nothing.
+TOKENIZER_FILES = ("tokenizer*", "*.model", "*.tiktoken", "vocab*", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template*", os.path.join("additional_chat_templates", "*"))
 log = logging.getLogger(__name__)
 
 
@@ -159,14 +170,7 @@ def pack_examples(ids_list: list[list[int]], labels_list: list[list[int]], block
     without loss), so that the model call (modeling.document_attention_mask) can keep every
     example to itself: the logits of an example are those it has alone.
     """
-    rows: list[list[int]] = []
-    used = 0
-    for i, ids in enumerate(ids_list):
-        if not rows or used + len(ids) > block_size:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += len(ids)
+    rows = _pack_rows([len(ids) for ids in ids_list], block_size)
     n = len(rows)
     input_ids = torch.full((n, block_size), pad_id, dtype=torch.long)
     labels = torch.full((n, block_size), IGNORE_INDEX, dtype=torch.long)
@@ -185,6 +189,80 @@ def pack_examples(ids_list: list[list[int]], labels_list: list[list[int]], block
     return TokenizedData(input_ids, labels, mask, positions)
 
 
+def _pack_rows(lengths: list[int], block_size: int) -> list[list[int]]:
+    """The examples of each packed row: an example joins the current row while it fits, else it
+    starts the next one (pack_examples and compact_arrays share this)."""
+    rows: list[list[int]] = []
+    used = 0
+    for i, length in enumerate(lengths):
+        if not rows or used + length > block_size:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += length
+    return rows
+
+
+def compact_arrays(kind: str, encoded: list, block_size: int, packing: bool = False) -> dict[str, np.ndarray]:
+    """The rows assemble_rows builds from encode_records' output, in CompactRows' form: the real
+    tokens back to back (padding is only ever at a row's end, so a row is a run of them), a
+    loss flag per token, where each row (and with `packing` each example) begins, and each
+    row's loss-bearing tokens after the shift. Memory: a few bytes a token, not 24 a block slot."""
+    if kind == "text_only":
+        stream = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64)
+        count = len(stream) // block_size
+        tokens = stream[: count * block_size]
+        labels, loss = tokens, np.ones(len(tokens), dtype=bool)
+        offsets, examples = np.arange(count + 1, dtype=np.int64) * block_size, None
+    else:
+        starts = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(ids) for ids, _ in encoded], out=starts[1:])
+        total = int(starts[-1])
+        tokens = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in encoded), dtype=np.int64, count=total)
+        labels = np.fromiter(itertools.chain.from_iterable(lab for _, lab in encoded), dtype=np.int64, count=total)
+        loss = labels != IGNORE_INDEX
+        offsets, examples = starts, None
+        if packing:
+            loss[starts[:-1]] = False  # an example's first token would be predicted from the previous example
+            rows = _pack_rows(np.diff(starts).tolist(), block_size)
+            offsets, examples = starts[[members[0] for members in rows] + [len(encoded)]], starts
+    done = np.concatenate([[0], np.cumsum(loss, dtype=np.int64)])
+    lowest, highest = (int(tokens.min()), int(tokens.max())) if len(tokens) else (0, 0)
+    dtype = token_dtype(highest + 1) if lowest >= 0 and highest < np.iinfo(np.int32).max else np.int64
+    arrays = {"tokens": tokens.astype(dtype), "loss": loss.astype(np.uint8), "offsets": offsets,
+              "targets": (done[offsets[1:]] - done[offsets[:-1] + 1]).astype(np.int32)}
+    if examples is not None:
+        arrays["examples"] = examples
+    if bool(np.any(loss & (labels != tokens))):  # pre-tokenized labels that are not the tokens
+        arrays["labels"] = labels
+    return arrays
+
+
+def write_compact(arrays: dict[str, np.ndarray], block_size: int, pad_id: int, folder: str) -> None:
+    """Writes the arrays (.npy) and meta.json into a folder of a name no other process can have,
+    then renames it to `folder`: a reader sees the whole cache or none. Where another writer
+    (another node sharing the folder) was first, its cache, the same bytes, is kept."""
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.", suffix=".tmp")
+    try:
+        for name, array in arrays.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), array)
+        tokens = arrays["tokens"]
+        meta = {"version": CACHE_VERSION, "block_size": block_size, "pad_id": pad_id, "arrays": sorted(arrays),
+                "min_token": int(tokens.min()) if len(tokens) else 0, "max_token": int(tokens.max()) if len(tokens) else 0}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would keep the other users of a shared cache out
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not os.path.isfile(os.path.join(folder, "meta.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _to_tensors(ids_list: list[list[int]], labels_list: list[list[int]], block_size: int, pad_id: int) -> TokenizedData:
     n = len(ids_list)
     input_ids = torch.full((n, block_size), pad_id, dtype=torch.long)
@@ -198,28 +276,32 @@ def _to_tensors(ids_list: list[list[int]], labels_list: list[list[int]], block_s
 
 
 
-def _hash_files(paths: Iterable[str], digest) -> None:
+def _hash_files(paths: Iterable[str], digest, root: Optional[str] = None) -> None:
     for path in paths:
-        digest.update(os.path.basename(path).encode())
+        digest.update((os.path.relpath(path, root) if root else os.path.basename(path)).encode())
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
 
 
 def cache_key(files: list[str], tokenizer_dir: str, block_size: int, packing: bool = False) -> str:
+    """What the tokenized cache of `files` depends on: their bytes, every tokenizer file of
+    `tokenizer_dir` (TOKENIZER_FILES, the chat template included), the block size, packing
+    and the cache's format (CACHE_VERSION)."""
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{block_size}{'|packed' if packing else ''}".encode())
     _hash_files(files, digest)
-    tokenizer_files = sorted(glob.glob(os.path.join(tokenizer_dir, "tokenizer*")) + glob.glob(os.path.join(tokenizer_dir, "*.model")))
-    _hash_files(tokenizer_files, digest)
+    tokenizer_files = {path for pattern in TOKENIZER_FILES for path in glob.glob(os.path.join(tokenizer_dir, pattern))}
+    digest.update(b"|tokenizer|")
+    _hash_files(sorted(path for path in tokenizer_files if os.path.isfile(path)), digest, root=tokenizer_dir)
     return digest.hexdigest()[:24]
 
 
 def tokenize_once(path: str, cache_path: str, kind: str, records: list[dict], tokenizer, block_size: int,
                    packing: bool) -> None:
-    """Fills the cache at `cache_path` unless it exists: the ranks that share that file (the
-    same host and path: a node's ranks) each tokenize a contiguous share of the records and
-    write it beside the cache; the first of them joins the shares into the rows and writes the
-    cache once. So no rank tokenizes the whole dataset while the others wait. A collective."""
+    """Fills the cache folder `cache_path` (write_compact) unless it exists: the ranks that share
+    it (the same host and path: a node's ranks) each tokenize a contiguous share of the records
+    and write it beside the cache; the first of them joins the shares into the rows and writes
+    the cache once. So no rank tokenizes the whole dataset while the others wait. A collective."""
     where = (socket.gethostname(), os.path.realpath(cache_path))
     everyone = dist.all_gather_object((where, os.path.exists(cache_path)))
     peers = [r for r, (other, _) in enumerate(everyone) if other == where]
@@ -243,11 +325,7 @@ def tokenize_once(path: str, cache_path: str, kind: str, records: list[dict], to
     if needed and dist.rank() == peers[0]:
         try:
             encoded = [entry for i in range(shares) for entry in torch.load(part(i), weights_only=True)]
-            data = assemble_rows(kind, encoded, block_size, _pad_id(tokenizer), packing)
-            saved = {"input_ids": data.input_ids, "labels": data.labels, "attention_mask": data.attention_mask}
-            if data.position_ids is not None:
-                saved["position_ids"] = data.position_ids
-            _save_atomic(saved, cache_path)
+            write_compact(compact_arrays(kind, encoded, block_size, packing), block_size, _pad_id(tokenizer), cache_path)
             for i in range(shares):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(part(i))

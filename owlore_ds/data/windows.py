@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from typing import Optional
 
 import numpy as np
 import torch
 
 from owlore_ds.data.indexed import IndexedDataset, is_prefix
+from owlore_ds.data.sample_index import SampleIndexCache
 from owlore_ds.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -19,6 +22,7 @@ class _Windows:
 
     block_size: int
     document_attention: bool = False  # --packing_attention document: position_ids in every batch
+    sample_index: Optional[SampleIndexCache] = None  # where GlobalBatches keeps its shuffles (load_training_data)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -159,30 +163,45 @@ class BlendedWindows(_Windows):
     and merged in time order (ties to the earlier dataset), so every stretch of the blend
     holds the datasets in their weights, as Megatron's BlendedDataset interleaves them.
     The order is a function of the data and weights alone; GlobalBatches shuffles it
-    with the seed like any dataset.
+    with the seed like any dataset. It is an int64 array [N, 2] of (dataset, window) per
+    row, built once and kept beside the data (`sample_index`), or in memory without one.
     """
 
-    def __init__(self, parts: list[PackedWindows], weights: list[float]):
+    def __init__(self, parts: list[PackedWindows], weights: list[float],
+                 sample_index: Optional[SampleIndexCache] = None):
         self.parts = parts
         self.block_size = parts[0].block_size
         self.document_attention = parts[0].document_attention
+        self.sample_index = sample_index
         shares = np.asarray(weights, dtype=np.float64) / sum(weights)
-        size = min(len(part) / share for part, share in zip(parts, shares))
-        picks = [int(share * size + 1e-9) for share in shares]
-        times = np.concatenate([(np.arange(n) + 0.5) / share for n, share in zip(picks, shares)])
-        order = np.argsort(times, kind="stable")
-        self.which = np.concatenate([np.full(n, d, dtype=np.int16) for d, n in enumerate(picks)])[order]
-        self.picked = np.concatenate([np.arange(n, dtype=np.int64) * len(part) // max(n, 1)
-                                      for part, n in zip(parts, picks)])[order]
+        build = functools.partial(_blend_order, [len(part) for part in parts], shares)
+        if sample_index is None:
+            self.picks = build()
+        else:  # the order depends on the windows of each part and the weights, not on document attention
+            self.picks = sample_index.array("blend", {"block_size": self.block_size, "shares": shares.tolist()}, build)
 
     def __len__(self) -> int:
-        return len(self.which)
+        return len(self.picks)
 
     def window(self, row: int) -> torch.Tensor:
-        return self.parts[self.which[row]].window(int(self.picked[row]))
+        dataset, window = self.picks[row]
+        return self.parts[dataset].window(int(window))
 
     def window_positions(self, row: int) -> torch.Tensor:
-        return self.parts[self.which[row]].window_positions(int(self.picked[row]))
+        dataset, window = self.picks[row]
+        return self.parts[dataset].window_positions(int(window))
+
+
+def _blend_order(sizes: list[int], shares: np.ndarray) -> np.ndarray:
+    """BlendedWindows' rows as (dataset, window) pairs, for datasets of `sizes` windows."""
+    size = min(n / share for n, share in zip(sizes, shares))
+    picks = [int(share * size + 1e-9) for share in shares]
+    times = np.concatenate([(np.arange(n) + 0.5) / share for n, share in zip(picks, shares)])
+    order = np.argsort(times, kind="stable")
+    which = np.concatenate([np.full(n, d, dtype=np.int64) for d, n in enumerate(picks)])[order]
+    picked = np.concatenate([np.arange(n, dtype=np.int64) * length // max(n, 1)
+                             for length, n in zip(sizes, picks)])[order]
+    return np.stack([which, picked], axis=1)
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
