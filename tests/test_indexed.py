@@ -250,9 +250,11 @@ def test_first_step_loss_is_the_models_loss_on_the_first_windows(shards, tiny_ll
 def test_one_rank_equals_two_ranks_on_shards(shards, tiny_llama, tmp_path):
     prefix, _ = shards
     one, two = tmp_path / "one", tmp_path / "two"
-    run_training(common_args(tiny_llama, prefix, one, block_size=32, per_device_train_batch_size=4, max_steps=3))
+    for order in prefix.parent.glob(f"{prefix.name}.order.*.npy"):
+        order.unlink()  # so that the 2-rank run builds it: one rank writes while the other waits
     run_training(common_args(tiny_llama, prefix, two, block_size=32, per_device_train_batch_size=1,
                              gradient_accumulation_steps=2, max_steps=3), nproc=2)
+    run_training(common_args(tiny_llama, prefix, one, block_size=32, per_device_train_batch_size=4, max_steps=3))
     assert [m["loss"] for m in read_metrics(one)] == pytest.approx([m["loss"] for m in read_metrics(two)], rel=1e-5)
     assert_same_weights(final_weights(one), final_weights(two))
     # Both runs shuffled with the epoch's permutation kept beside the shards (one file: seed 7, epoch 0).

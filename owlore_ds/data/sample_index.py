@@ -9,10 +9,13 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
 from typing import Callable
 
 import numpy as np
+
+from owlore_ds import distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +29,11 @@ class SampleIndexCache:
     A file's name holds a hash of all it depends on: the datasets' identity (path, size and
     modification time of each .idx and .bin), the caller's key (block size, weights, seed,
     epoch...) and VERSION, so a changed input names a new file and never reads a stale one.
-    A missing file is built by whichever rank looks for it and written under a temporary
-    name, then renamed: ranks that build it at the same time write the same bytes, and a
-    reader sees a whole file or none. So no rank holds a corpus-sized index in memory once
-    the file exists (the first build holds it once, briefly).
+    A missing file is built by the first rank of each host that misses it and written under
+    a temporary name, then renamed: hosts sharing the folder that build it at the same time
+    write the same bytes, and a reader sees a whole file or none. So no rank holds a
+    corpus-sized index in memory once the file exists (the first build holds it once per
+    node, briefly).
     """
 
     def __init__(self, prefixes: list[str], cache_dir: str):
@@ -55,22 +59,43 @@ class SampleIndexCache:
         return os.path.join(self.folder, f"{os.path.basename(self.prefixes[0])}.{name}.{digest}.npy")
 
     def array(self, name: str, key: dict, build: Callable[[], np.ndarray]) -> np.ndarray:
-        """The index `name` for `key`, memory-mapped; built (and written) first if missing."""
+        """The index `name` for `key`, memory-mapped; built (and written) first if missing.
+
+        Every rank calls this at the same point (a collective): of the ranks on one host that
+        miss the file, the first builds it while the others wait, so a node holds one
+        corpus-sized permutation at a time, not one per rank."""
         path = self.path(name, key)
-        if not os.path.isfile(path):
-            log.info("building sample index %s", path)
-            handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
-                                           suffix=".tmp")
+        where = (socket.gethostname(), path)
+        builders: dict = {}
+        for r, (seen_where, exists) in enumerate(dist.all_gather_object((where, os.path.isfile(path)))):
+            if not exists:
+                builders.setdefault(tuple(seen_where), r)
+        error = None
+        if builders.get(where) == dist.rank():
             try:
-                with os.fdopen(handle, "wb") as fh:
-                    np.save(fh, build())
-                os.chmod(tmp, 0o644)  # mkstemp's 0o600 would keep the other users of the data out
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
-                raise
+                _write(path, build)
+            except Exception as exc:
+                error = exc
+        if not dist.all_agree(error is None):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"building the sample index {path} failed on another rank")
         return np.load(path, mmap_mode="r")
+
+
+def _write(path: str, build: Callable[[], np.ndarray]) -> None:
+    """Writes the index under a temporary name, then renames it: a reader sees all of it or nothing."""
+    log.info("building sample index %s", path)
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as fh:
+            np.save(fh, build())
+        os.chmod(tmp, 0o644)  # mkstemp's 0o600 would keep the other users of the data out
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def _identity(prefix: str) -> list:
