@@ -206,3 +206,18 @@ def test_preprocess_reads_a_datasets_folder_as_its_jsonl(corpus, tokenizer_dir, 
                              "--text_key", "body"], env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--input" in result.stderr and "no column 'body' (--text_key)" in result.stderr
     assert not list(tmp_path.glob("bad*"))
+
+
+def test_inspect_data_shows_the_streams_first_windows(corpus, tiny_llama, tokenizer):
+    hf, _, prefix = corpus
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "inspect_data.py"), "--dataset_path", str(hf),
+                             "--model_name_or_path", str(tiny_llama), "--streaming", "--block_size", "32",
+                             "--num_examples", "2"], env=base_env(), cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from owlore_ds.data.indexed import IndexedDataset
+
+    stream = [t for i in range(len(IndexedDataset(str(prefix)))) for t in IndexedDataset(str(prefix))[i].tolist()]
+    first = tokenizer.decode(stream[1:32])  # the first token is never predicted, so it is outside the marks
+    assert "----- example 0 (32 tokens, 31 with loss" in result.stdout and first.strip()[:20] in result.stdout
+    assert "----- 2 examples of 32 tokens: 64 tokens, 62 with loss, padding 0.0%" in result.stdout
