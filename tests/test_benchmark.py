@@ -295,7 +295,8 @@ def test_a_killed_run_is_a_result(tmp_path, tiny_config, small_text):
     watcher = threading.Thread(target=kill_after_two_steps, daemon=True)
     watcher.start()
     run_benchmark(tiny_args(tiny_config, small_text, out, methods="peer_lisa,lisa", steps=100,
-                            warmup_steps_excluded=1, lisa_activated_layers=1, lisa_interval_steps=1))
+                            warmup_steps_excluded=1, lisa_activated_layers=1, lisa_interval_steps=1)
+                  + ["--update_in_backward"])
     watcher.join()
     assert killed, "the peer was never seen running"
     rows = {row["method"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
@@ -307,11 +308,15 @@ def test_a_killed_run_is_a_result(tmp_path, tiny_config, small_text):
     assert peer["layers_visited"] == sorted({layer for r in records for layer in r["active_layers"]})
     assert peer["peak_memory_bytes"] == max(r["peak_memory_bytes"] for r in records)
     assert lisa["outcome"] == "completed" and lisa["steps_completed"] == 100
+    # --update_in_backward reaches lisa (with the clipping it needs off), not the peer
+    assert "--update_in_backward --max_grad_norm 0" in lisa["command"]
+    assert "--update_in_backward" not in peer["command"] and "--max_grad_norm" not in peer["command"]
     # lisa is compared with what the killed peer reached
     assert lisa["vs_peer"]["peak_memory_bytes"] == pytest.approx(lisa["peak_memory_bytes"] / peer["peak_memory_bytes"])
     text = (out / "results.md").read_text()
     assert f"| peer_lisa | killed (SIGKILL) after step {len(records)} |" in text
     assert "- peer_lisa: killed by SIGKILL" in text
+    assert "update in backward without clipping (lisa, galore, owlore; the rest clip at 1.0)" in text
 
 
 def test_peer_keeps_the_state_of_every_visited_layer(tmp_path, tiny_config, small_text):

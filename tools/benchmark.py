@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--zero_stage; its stage3_max_live_parameters goes to the memory model)")
     p.add_argument("--master_weights", default="fp32", choices=MASTER_POLICIES,
                    help="lisa, galore, owlore in bf16: the trainer's --master_weights (the peer has none)")
+    p.add_argument("--update_in_backward", action="store_true",
+                   help="lisa, galore, owlore: the trainer's --update_in_backward, with --max_grad_norm 0 (which "
+                        "it needs); the other methods and the peers still clip at 1.0")
     p.add_argument("--learning_rate", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--lisa_activated_layers", type=int,
@@ -301,6 +304,8 @@ def method_flags(method: str, settings: Settings, model: Path, ratio_file: Optio
                      deepspeed=deepspeed_config(args))
     if method in ("lisa", "galore", "owlore") and settings.precision == "bf16":
         flags["master_weights"] = args.master_weights
+    if method in ("lisa", "galore", "owlore") and args.update_in_backward:
+        flags.update(update_in_backward=True, max_grad_norm=0)
     if method in LAYER_SAMPLED:
         flags.update(lisa_activated_layers=settings.gamma, lisa_interval_steps=settings.interval)
     if method in LOW_RANK:
@@ -462,6 +467,8 @@ def predict(method: str, settings: Settings) -> tuple[Optional[dict[str, int]], 
         galore_rank=args.galore_rank, freeze_embeddings=False, lora_r=args.lora_r,
         master_weights=args.master_weights if method in ("lisa", "galore", "owlore") else "fp32",
         lora_target_modules=settings.lora_target_modules, offload=False)
+    if args.update_in_backward and method in ("lisa", "galore", "owlore"):
+        kwargs["update_in_backward"] = True
     if "device" in inspect.signature(estimate).parameters:  # CPU and GPU differ in temporaries and overhead
         kwargs["device"] = "cpu" if get_accelerator().device_name() == "cpu" else "cuda"
     live = ds_config.max_live_parameters(ds_config.read(str(deepspeed_config(args))))
@@ -552,6 +559,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
         f"- setup: {s['precision']}, {s['world_size']} rank(s) per trainer run (the peers: 1 process), "
         f"ZeRO-{s['zero_stage']}, master weights {s['master_weights']} (lisa, galore, owlore), "
+        + ("update in backward without clipping (lisa, galore, owlore; the rest clip at 1.0), "
+           if s.get("update_in_backward") else "clipping 1.0, ") +
         f"micro-batch {s['micro_batch_size']}, block {s['block_size']}, gradient checkpointing "
         f"{'on' if s['gradient_checkpointing'] else 'off'} (the peers: always on), {s['steps']} steps, "
         f"lr {s['learning_rate']:g} constant",
