@@ -210,7 +210,8 @@ def test_peers_record_what_they_ran(three_methods):
     """peer_run.json (the run config the peer gives MetricsLog) records the reference's settings,
     not the trainer defaults in its flags (fp32 masters, state freed, canonical signs)."""
     rows = {row["method"]: row for row in json.loads((three_methods / "results.json").read_text())["rows"]}
-    for method, optimizer, eps in (("peer", "galore_torch.GaLoreAdamW", 1e-6), ("peer_lisa", "torch.optim.AdamW", 1e-8)):
+    for method, optimizer, eps in (("peer", "galore_torch.GaLoreAdamW", 1e-6),
+                                   ("peer_lisa", "torch.optim.AdamW", 1e-8)):
         ran = json.loads((three_methods / "runs" / method / "peer_run.json").read_text())
         assert rows[method]["ran"] == ran
         assert (ran["optimizer"], ran["eps"], ran["weight_decay"], ran["betas"]) == (optimizer, eps, 0.0, [0.9, 0.999])

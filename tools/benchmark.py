@@ -620,8 +620,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         if not row.get("per_step"):
             continue
-        lines += ["", f"### {row['method']}", "", "| step | peak MiB | optimizer state MiB | layers visited | tokens/s |",
-                  "|---|---|---|---|---|"]
+        lines += ["", f"### {row['method']}", "",
+                  "| step | peak MiB | optimizer state MiB | layers visited | tokens/s |", "|---|---|---|---|---|"]
         for step in row["per_step"]:
             visited = step["layers_visited"]
             lines.append(f"| {step['step']} | {_mib(step['peak_memory_bytes'])} "
