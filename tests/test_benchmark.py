@@ -220,6 +220,7 @@ def test_peers_record_what_they_ran(three_methods):
         assert ran["inactive_state"].startswith("kept") and ran["loss"].startswith("Hugging Face")
         assert f"--peer_optimizer {ran['peer_optimizer']}" in rows[method]["command"]
     assert json.loads((three_methods / "runs" / "peer" / "peer_run.json").read_text())["galore"]["rank"] == 16
+    assert json.loads((three_methods / "runs" / "peer_lisa" / "peer_run.json").read_text())["foreach"] is False
     assert "galore" not in json.loads((three_methods / "runs" / "peer_lisa" / "peer_run.json").read_text())
     # what the flags would say (the benchmark gives no --bf16 master or inactive-state flags to the peers)
     assert "--master_weights" not in rows["peer"]["command"] and "--gradient_checkpointing" in rows["peer"]["command"]
@@ -237,8 +238,8 @@ def test_peer_builds_the_reference_optimizer_and_model(three_methods, small_text
     assert (reference["eps"], reference["weight_decay"], reference["betas"]) == (1e-6, 0.0, (0.9, 0.999))
     for kind, optimizer_type, defaults in (
             ("galore", GaLoreAdamW, reference),
-            ("adamw", torch.optim.AdamW, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4,
-                                                           eps=1e-8, weight_decay=0.0).defaults)):
+            ("adamw", torch.optim.AdamW, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4, eps=1e-8,
+                                                           weight_decay=0.0, foreach=False).defaults)):
         args = ["--model_name_or_path", str(three_methods / "model"), "--dataset_path", str(small_text),
                 "--output_dir", str(tmp_path / kind), "--cache_dir", str(three_methods.parent / "cache"),
                 "--block_size", "32", "--max_steps", "2", "--learning_rate", "3e-4", "--lisa_activated_layers", "1",

@@ -30,8 +30,9 @@ does, and so what this does:
   else (norms, embeddings, lm_head) plain AdamW in that optimizer;
 - `--peer_optimizer adamw` (run_lisa.sh, LMFlow's LISA: `--optim adamw_hf`, no GaLore): plain
   AdamW over every parameter with the HF TrainingArguments defaults (betas (0.9, 0.999),
-  eps 1e-8, weight decay 0), as torch.optim.AdamW (adamw_hf is transformers' old copy of it;
-  it adds eps before the bias correction of the second moment, torch after);
+  eps 1e-8, weight decay 0), as torch.optim.AdamW one parameter at a time (adamw_hf is
+  transformers' old per-parameter AdamW; it adds eps before the bias correction of the second
+  moment, torch after);
 - the LISA callback: every K steps all decoder layers get `requires_grad=False`, then gamma
   layers drawn with numpy (OWL probabilities from --outlier_ratios, else uniform) get
   `requires_grad=True`. A frozen layer gets no gradient, so the optimizer skips it, but its
@@ -74,8 +75,10 @@ FIXED = {"adam_beta1": "the optimizer's betas are its library default (0.9, 0.99
          "adam_epsilon": "the optimizer's eps is its library default (GaLoreAdamW 1e-6, HF AdamW 1e-8)",
          "weight_decay": "the optimizer's weight decay is its library default, 0",
          "max_grad_norm": "the HF Trainer clips at its default max_grad_norm 1.0"}
-# HF TrainingArguments' defaults, which --optim adamw_hf gets (run_lisa.sh passes none of them).
-HF_ADAMW = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+# HF TrainingArguments' defaults, which --optim adamw_hf gets (run_lisa.sh passes none of them);
+# adamw_hf steps one parameter at a time, so no foreach (whose grouped temporaries would add
+# to the peak on a GPU).
+HF_ADAMW = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
 
 
 def parse(argv: Optional[Sequence[str]] = None):
@@ -203,6 +206,7 @@ def ran_config(cfg, kind: str, optimizer) -> dict[str, Any]:
         "optimizer": "galore_torch.GaLoreAdamW" if kind == "galore" else "torch.optim.AdamW",
         "lr": cfg.learning_rate, "betas": list(group["betas"]), "eps": group["eps"],
         "weight_decay": group["weight_decay"],
+        "foreach": group.get("foreach"),  # torch AdamW: False, one parameter at a time as adamw_hf
         "precision": "pure bf16 (bf16 weights and optimizer state, no master weights)",
         "master_weights": "none",
         "gradient_checkpointing": True,
