@@ -358,6 +358,9 @@ def test_peer_keeps_the_state_of_every_visited_layer(tmp_path, tiny_config, smal
     (["--model_config", "llama9-1b"], "--model_config"),
     (["--steps", "2", "--warmup_steps_excluded", "2"], "--warmup_steps_excluded"),
     (["--num_layers", "0"], "--num_layers"),
+    (["--methods", "owlore,peer", "--predict_only", "peer"], "--predict_only"),
+    (["--methods", "lisa", "--predict_only", "full"], "--predict_only"),
+    (["--methods", "lisa,peer_lisa", "--fp32"], "--fp32"),
 ])
 def test_bad_input(tmp_path, flags, fragment):
     out = tmp_path / "out"
@@ -366,3 +369,24 @@ def test_bad_input(tmp_path, flags, fragment):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not out.exists()
+
+
+def test_full_depth_settings_and_outcomes():
+    """The full-depth invocation (Makefile benchmark_full_depth) resolves to gamma 5 of 32 layers
+    at K 1 from its flag, full predicted only; and a run's end is named from its error line."""
+    benchmark = _load_tool("benchmark")
+    args = benchmark.build_parser().parse_args(
+        ["--model_config", "llama2-7b", "--methods", "owlore,lisa,peer,peer_lisa,full", "--predict_only", "full",
+         "--steps", "12", "--lisa_activated_layers", "5", "--lisa_interval_steps", "1", "--gradient_checkpointing",
+         "--master_weights", "pure_bf16"])
+    settings = benchmark.resolve(args)
+    assert (settings.config.num_hidden_layers, settings.gamma, settings.interval) == (32, 5, 1)
+    assert settings.interval_source == "--lisa_interval_steps" and settings.predict_only == ["full"]
+    assert {m: benchmark.compared_to(m) for m in settings.methods} == {
+        "owlore": "peer", "lisa": "peer_lisa", "peer": "peer", "peer_lisa": "peer_lisa", "full": "peer"}
+    assert benchmark.outcome(None) == "completed"
+    assert benchmark.outcome("killed by SIGKILL (on CPU: the kernel's OOM killer)") == "killed (SIGKILL)"
+    assert benchmark.outcome("exit 1: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.95 GiB") == \
+        "out of memory"
+    assert benchmark.outcome("timed out after 60 s") == "timed out"
+    assert benchmark.outcome("exit 2: --block_size 9000 exceeds ...") == "failed"
