@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo quality benchmark clean
+.PHONY: venv test demo quality benchmark benchmark_full_depth clean
 
 venv: $(STAMP)
 
@@ -29,8 +29,15 @@ quality: venv
 # docs/benchmarks.md's measured table: LLaMA2-7B layer shapes, 2 layers, every method and the peer
 benchmark: venv
 	DS_ACCELERATOR=$(ACCELERATOR) $(PYTHON) tools/benchmark.py --model_config llama2-7b --num_layers 2 \
-	  --methods full,lora,lisa,galore,owlore,lomo,adalomo,peer --steps 6 --micro_batch_size 1 --block_size 256 \
-	  --gradient_checkpointing --master_weights pure_bf16 --lisa_interval_steps 6 --output_dir bench_out
+	  --methods full,lora,lisa,galore,owlore,lomo,adalomo,peer,peer_lisa --steps 6 --micro_batch_size 1 \
+	  --block_size 256 --gradient_checkpointing --master_weights pure_bf16 --lisa_interval_steps 6 --output_dir bench_out
+
+# Issue 16's full-depth table: all 32 layers, owlore and lisa beside their peers, full AdamW predicted
+benchmark_full_depth: venv
+	DS_ACCELERATOR=$(ACCELERATOR) $(PYTHON) tools/benchmark.py --model_config llama2-7b \
+	  --methods owlore,lisa,peer,peer_lisa,full --predict_only full --steps 12 --warmup_steps_excluded 2 \
+	  --micro_batch_size 1 --block_size 256 --lisa_activated_layers 5 --lisa_interval_steps 1 \
+	  --gradient_checkpointing --master_weights pure_bf16 --output_dir bench_full_depth
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -7,6 +7,8 @@ updating in backward must give the same weights as updating at the step, bit for
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from conftest import ROOT, common_args, final_weights, run_training
@@ -22,6 +24,9 @@ CASES = [
     ("owlore", ZERO2, 2, 2, {}),
     ("lisa", ZERO3, 2, 1, {}),
     ("galore", ZERO2, 1, 1, {"bf16": True}),
+    # bf16 under ZeRO-3: an owner gathers a matrix until it holds its fp32 master, then not, so
+    # the gather flags (one all-reduce per backward) change between steps
+    ("owlore", ZERO3, 2, 1, {"bf16": True}),
 ]
 
 
@@ -49,3 +54,66 @@ def test_update_in_backward_equals_the_update_at_the_step(tmp_path, four_layers,
     # exists at once (with more, the earlier micro-batches' sums must be kept anyway).
     held, held_at_step = (max(m["peak_gradient_bytes"] for m in metrics) for metrics in (in_backward, at_step))
     assert held < held_at_step if accumulation == 1 else held <= held_at_step
+
+
+# ---------------------------------------------------------------- a non-finite gradient, in process
+
+WORLD = 2
+
+
+def _nan_rank_main(rank: int, init_file: str, results: dict) -> None:
+    """Two real gloo ranks, GaLore matrices refreshed at every step, small buckets: step 1 is
+    finite; at step 2 rank 1's gradient of layer 0's first matrix alone is NaN, so only that
+    item's owner sees it (a raise there alone, as a GaLore SVD of it would, hangs the other rank)."""
+    import torch
+    import torch.distributed as torch_dist
+
+    from owlore_ds.layerwise import GaloreSettings, LayerwiseOptimizer
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    layers = [[(f"layers.{i}.{name}", torch.nn.Parameter(torch.randn(16, 12))) for name in ("a", "b")]
+              for i in range(2)]
+    always = [("norm", torch.nn.Parameter(torch.ones(12)))]
+    optimizer = LayerwiseOptimizer(
+        layers, always, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_grad_norm=0.0,
+        galore_settings=GaloreSettings(rank=4, update_proj_gap=1, scale=0.5, proj_type="std"),
+        bucket_bytes=4 * 16 * 12, update_in_backward=True)
+    optimizer.set_active_layers([0, 1])
+    outcome = []
+    for step in range(2):
+        x = torch.randn(12, 5, generator=torch.Generator().manual_seed(10 * step + rank))
+        loss = sum(((p * always[0][1]) @ x).pow(2).sum() for layer in layers for _, p in layer)
+        if step == 1 and rank == 1:
+            loss = loss + (layers[0][0][1] @ x).sum() * float("nan")
+        loss.backward()
+        optimizer.finish_backward()
+        try:
+            optimizer.step()
+            outcome.append("ok")
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+    finite = all(bool(torch.isfinite(p).all()) for layer in layers for _, p in layer) and bool(
+        torch.isfinite(always[0][1]).all())
+    results[rank] = (outcome, finite, optimizer.owners["layers.0.a"])
+    torch_dist.destroy_process_group()
+
+
+def test_a_non_finite_gradient_stops_every_rank_at_the_step_and_no_weight_takes_it(tmp_path):
+    """Backward has no host sync per bucket to stop on, so a NaN gradient is zeroed where it is
+    updated and counted in the norm: every rank raises at step(), none hangs, no weight is NaN."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    context = mp.spawn(_nan_rank_main, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank hung")
+    for rank in range(WORLD):
+        outcome, finite, owner = results[rank]
+        assert outcome[0] == "ok" and "gradient norm is nan" in outcome[1], (rank, outcome)
+        assert finite, f"rank {rank}: a weight took the NaN gradient"
+    assert results[0][2] == results[1][2]  # the same owner on both ranks

@@ -2,22 +2,31 @@
 """Peak memory, optimizer state and speed of every method at real layer shapes, beside the OwLore peer.
 
     python tools/benchmark.py --model_config llama2-7b --num_layers 2 \
-        --methods full,lora,lisa,galore,owlore,lomo,adalomo,peer --steps 6 --micro_batch_size 1 \
+        --methods full,lora,lisa,galore,owlore,lomo,adalomo,peer,peer_lisa --steps 6 --micro_batch_size 1 \
         --block_size 256 --gradient_checkpointing --output_dir bench_out
+    python tools/benchmark.py --model_config llama2-7b --methods owlore,lisa,peer,peer_lisa,full \
+        --predict_only full --steps 12 --lisa_activated_layers 5 --lisa_interval_steps 1 \
+        --gradient_checkpointing --output_dir bench_full_depth      # all 32 layers, full AdamW predicted
 
 - The model is random-initialized once from a bundled architecture (owlore_ds/architectures.py)
   or a config.json / model folder, cut to --num_layers decoder layers (every layer keeps its
   real shape), and saved with the embedded tokenizer (models/shakespeare-llama) to OUT/model.
 - Every method runs in its own process, so each peak is its own: the trainer
   (`launch/train.py --method M`, one process, or the deepspeed launcher for --world_size N)
-  and the peer (tools/peer_owlore.py, the reference pipeline, always one process). All see
-  the same data, batches, steps, precision, layer-sampling and GaLore settings; owlore and
-  the peer share one OWL ratio file computed here.
+  and the peers (tools/peer_owlore.py, the reference pipeline as it runs, always one process,
+  pure bf16 with gradient checkpointing): `peer` (GaLoreAdamW, the OwLore reference; every
+  method's "vs peer" but lisa's) and `peer_lisa` (LMFlow's LISA, plain AdamW; lisa's). All see
+  the same data, batches, steps, layer-sampling and GaLore settings; owlore and the GaLore
+  peer share one OWL ratio file computed here (lisa and peer_lisa sample uniformly, as run_lisa.sh).
 - Per method, from its metrics.jsonl: peak memory (CPU: peak RSS during training above the RSS
   before the model was built; GPU: max allocated; largest over ranks), the largest optimizer_state_bytes
   of the run, and the median tokens/s and step time of the steps after the first
   --warmup_steps_excluded; each also as a ratio to the peer's. Beside them, the memory
   model's prediction (owlore_ds.memory_model.estimate) where it is available.
+- Per method and step: peak memory, optimizer bytes, layers visited so far, tokens/s.
+- A run that runs out of memory, is killed (on CPU the OOM killer's SIGKILL) or times out is
+  a result: its row has the step it reached and the layers it had visited, from its
+  metrics.jsonl so far. --predict_only M: M is not run, its row is the memory model's.
 - Writes OUT/results.json and OUT/results.md (device, date, package versions, command).
   A method that fails is recorded with its error and the others go on. Runs' logs are in
   OUT/logs/, their metrics in OUT/runs/METHOD/ (checkpoints and final/ are deleted after each
@@ -55,9 +64,17 @@ from owlore_ds.distributed import free_port  # noqa: E402
 from owlore_ds.errors import UserInputError  # noqa: E402
 from owlore_ds.metrics import device_description, package_versions, read_metrics  # noqa: E402
 
-METHODS = ("full", "lora", "lisa", "galore", "owlore", "lomo", "adalomo", "peer")
-LAYER_SAMPLED = ("lisa", "owlore", "peer")
+PEER_RUN = "peer_run.json"  # tools/peer_owlore.py's PEER_RUN: what a peer ran, beside its metrics.jsonl
+
+METHODS = ("full", "lora", "lisa", "galore", "owlore", "lomo", "adalomo", "peer", "peer_lisa")
+# The reference pipeline's two paths (tools/peer_owlore.py --peer_optimizer): the GaLore peer
+# (run_owlore_low_rank.sh) and LMFlow's LISA (run_lisa.sh: plain AdamW, state of visited layers kept).
+PEERS = {"peer": "galore", "peer_lisa": "adamw"}
+LAYER_SAMPLED = ("lisa", "owlore", "peer", "peer_lisa")
 LOW_RANK = ("galore", "owlore", "peer")
+# The peer each method's "vs peer" ratios divide by: lisa's own reference is LMFlow's LISA,
+# every other method is held against the GaLore peer (the OwLore reference).
+COMPARED_TO = {"lisa": "peer_lisa", "peer_lisa": "peer_lisa"}
 TOKENIZER = ROOT / "models" / "shakespeare-llama"  # its 4096 ids fit every bundled vocabulary
 DEFAULT_DATA = ROOT / "data" / "pretrain" / "train.txt"  # the Shakespeare pre-training split
 VERSIONED_PACKAGES = ("torch", "deepspeed", "transformers", "galore-torch", "peft")
@@ -87,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--zero_stage; its stage3_max_live_parameters goes to the memory model)")
     p.add_argument("--master_weights", default="fp32", choices=MASTER_POLICIES,
                    help="lisa, galore, owlore in bf16: the trainer's --master_weights (the peer has none)")
+    p.add_argument("--update_in_backward", action="store_true",
+                   help="lisa, galore, owlore: the trainer's --update_in_backward, with --max_grad_norm 0 (which "
+                        "it needs); the other methods and the peers still clip at 1.0")
     p.add_argument("--learning_rate", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--lisa_activated_layers", type=int,
@@ -104,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_path", default=str(DEFAULT_DATA.relative_to(ROOT)))
     p.add_argument("--cache_dir", default="~/.cache/owlore_ds", help="tokenized-data cache")
     p.add_argument("--output_dir", default="bench_out")
-    p.add_argument("--timeout_s", type=float, help="give up on a method after this many seconds")
+    p.add_argument("--predict_only", default="",
+                   help="comma-separated methods of --methods that are not run: their row is the memory model's "
+                        "prediction (e.g. full, which cannot fit at full depth)")
+    p.add_argument("--timeout_s", type=float, help="give up on a method after this many seconds (a result: the "
+                                                   "steps it reached are recorded)")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep each run's checkpoint and final/ folders")
     return p
 
@@ -115,9 +139,11 @@ class Settings:
 
     args: argparse.Namespace
     methods: list[str]
+    predict_only: list[str]
     config: Any  # the Hugging Face config of the benchmarked model
     gamma: int
     interval: int
+    interval_source: str  # where K comes from, for the report
     precision: str
     lora_target_modules: tuple[str, ...]
     out: Path = field(init=False)
@@ -150,6 +176,16 @@ def parse_methods(text: str) -> list[str]:
 def resolve(args: argparse.Namespace) -> Settings:
     """Checks every flag before anything is written; raises UserInputError naming the flag."""
     methods = parse_methods(args.methods)
+    predict_only = [m.strip() for m in args.predict_only.split(",") if m.strip()]
+    for method in predict_only:
+        if method not in methods:
+            raise UserInputError(f"--predict_only: {method!r} is not one of --methods {args.methods}")
+        if method in PEERS:
+            raise UserInputError(f"--predict_only: {method} cannot be predicted (the memory model does not cover "
+                                 "the peers)")
+    if args.fp32 and any(m in PEERS for m in methods):
+        raise UserInputError("--fp32: the peers (peer, peer_lisa) train pure bf16 as the reference does; "
+                             "drop --fp32 or the peer methods")
     for name, low in (("num_layers", 1), ("steps", 1), ("warmup_steps_excluded", 0), ("micro_batch_size", 1),
                       ("block_size", 2), ("world_size", 1), ("lisa_activated_layers", 1), ("lisa_interval_steps", 1),
                       ("galore_rank", 1), ("galore_update_proj_gap", 1), ("owl_nsamples", 1), ("lora_r", 1),
@@ -184,7 +220,9 @@ def resolve(args: argparse.Namespace) -> Settings:
     # K: the reference's 50 would never resample in a short run; half the steps gives a second
     # interval (so the peer visits more layers) and at most one resampling among the measured steps.
     interval = args.lisa_interval_steps or max(1, args.steps // 2)
-    return Settings(args, methods, config, gamma, interval, "fp32" if args.fp32 else "bf16", targets)
+    source = "--lisa_interval_steps" if args.lisa_interval_steps else "the default, --steps // 2"
+    return Settings(args, methods, predict_only, config, gamma, interval, source, "fp32" if args.fp32 else "bf16",
+                    targets)
 
 
 # ---------------------------------------------------------------- the model, its data and OWL ratios
@@ -258,13 +296,15 @@ def method_flags(method: str, settings: Settings, model: Path, ratio_file: Optio
         "learning_rate": args.learning_rate, "lr_scheduler_type": "constant", "seed": args.seed,
         "logging_steps": 1, "save_steps": 0, "cache_dir": args.cache_dir, settings.precision: True,
     }
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing or method in PEERS:  # the peers always checkpoint, as the reference
         flags["gradient_checkpointing"] = True
-    if method != "peer":
+    if method not in PEERS:
         flags.update(method=method, overwrite_output_dir=True,
                      deepspeed=deepspeed_config(args))
     if method in ("lisa", "galore", "owlore") and settings.precision == "bf16":
         flags["master_weights"] = args.master_weights
+    if method in ("lisa", "galore", "owlore") and args.update_in_backward:
+        flags.update(update_in_backward=True, max_grad_norm=0)
     if method in LAYER_SAMPLED:
         flags.update(lisa_activated_layers=settings.gamma, lisa_interval_steps=settings.interval)
     if method in LOW_RANK:
@@ -280,8 +320,8 @@ def method_flags(method: str, settings: Settings, model: Path, ratio_file: Optio
 
 def method_command(method: str, settings: Settings, flags: list[str]) -> list[str]:
     python = sys.executable
-    if method == "peer":
-        return [python, str(ROOT / "tools" / "peer_owlore.py"), *flags]
+    if method in PEERS:
+        return [python, str(ROOT / "tools" / "peer_owlore.py"), *flags, "--peer_optimizer", PEERS[method]]
     train = str(ROOT / "launch" / "train.py")
     if settings.args.world_size == 1:
         return [python, train, *flags]
@@ -347,23 +387,55 @@ def run_method(method: str, command: list[str], env: dict[str, str], run_dir: Pa
             raise
         records = read_metrics(run_dir)
         _advance(bar, records)
-    if error is None and proc.returncode != 0:
+    if error is None and proc.returncode == -signal.SIGKILL:
+        # Not sent by us: on CPU the kernel's OOM killer (or a memory limit) ends a run this way.
+        error = "killed by SIGKILL (on CPU: the kernel's OOM killer)"
+    elif error is None and proc.returncode != 0:
         error = f"exit {proc.returncode}: {_error_line(log_path)}"
     if error is None and len(records) < steps:
         error = f"only {len(records)} of {steps} steps recorded"
     return records, error
 
 
+def outcome(error: Optional[str]) -> str:
+    """A run's end in a word or two: completed, out of memory, killed, timed out, failed."""
+    if error is None:
+        return "completed"
+    text = error.lower()
+    if text.startswith("killed by sigkill"):
+        return "killed (SIGKILL)"
+    if "out of memory" in text or "outofmemoryerror" in text:  # torch's OutOfMemoryError, on any device
+        return "out of memory"
+    if text.startswith("timed out"):
+        return "timed out"
+    return "failed"
+
+
+def per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Step by step: peak memory, optimizer bytes, layers visited so far (None where the run
+    trains every layer), tokens/s."""
+    visited: set[int] = set()
+    rows = []
+    for record in records:
+        sampled = "active_layers" in record
+        visited |= set(record.get("active_layers", ()))
+        rows.append({"step": record["step"], "peak_memory_bytes": record["peak_memory_bytes"],
+                     "optimizer_state_bytes": record["optimizer_state_bytes"],
+                     "layers_visited": len(visited) if sampled else None, "tokens_per_s": record["tokens_per_s"]})
+    return rows
+
+
 def summarize(records: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
-    """The figures of one run: peak and optimizer state over every step, speed over the measured steps."""
+    """The figures of one run (records: at least one step): peak and optimizer state over every
+    step, speed over the steps after the first `warmup` (None when the run stopped before any)."""
     measured = records[warmup:]
     visited = {layer for r in records for layer in r.get("active_layers", [])}
     return {
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in records),
         "optimizer_state_bytes": max(r["optimizer_state_bytes"] for r in records),
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in measured),
-        "step_time_s": statistics.median(r["step_time_s"] for r in measured),
-        "mean_step_time_s": statistics.fmean(r["step_time_s"] for r in measured),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in measured) if measured else None,
+        "step_time_s": statistics.median(r["step_time_s"] for r in measured) if measured else None,
+        "mean_step_time_s": statistics.fmean(r["step_time_s"] for r in measured) if measured else None,
         "steps_measured": len(measured),
         "final_loss": records[-1]["loss"],
         "layers_visited": sorted(visited) if any("active_layers" in r for r in records) else None,
@@ -376,8 +448,8 @@ def deepspeed_config(args: argparse.Namespace) -> Path:
 
 def predict(method: str, settings: Settings) -> tuple[Optional[dict[str, int]], str]:
     """The memory model's figures for a run, or (None, why not)."""
-    if method == "peer":
-        return None, "the peer is not modeled"
+    if method in PEERS:
+        return None, "the peers are not modeled"
     try:  # another module, possibly absent: the benchmark works without it
         from owlore_ds.memory_model import estimate
     except ImportError as exc:
@@ -394,6 +466,8 @@ def predict(method: str, settings: Settings) -> tuple[Optional[dict[str, int]], 
         galore_rank=args.galore_rank, freeze_embeddings=False, lora_r=args.lora_r,
         master_weights=args.master_weights if method in ("lisa", "galore", "owlore") else "fp32",
         lora_target_modules=settings.lora_target_modules, offload=False)
+    if args.update_in_backward and method in ("lisa", "galore", "owlore"):
+        kwargs["update_in_backward"] = True
     if "device" in inspect.signature(estimate).parameters:  # CPU and GPU differ in temporaries and overhead
         kwargs["device"] = "cpu" if get_accelerator().device_name() == "cpu" else "cuda"
     live = ds_config.max_live_parameters(ds_config.read(str(deepspeed_config(args))))
@@ -406,19 +480,30 @@ def predict(method: str, settings: Settings) -> tuple[Optional[dict[str, int]], 
         return None, f"estimate failed: {type(exc).__name__}: {exc}"
 
 
-def _measured(row: dict[str, Any]) -> bool:
-    return "peak_memory_bytes" in row
-
-
 RATIO_KEYS = ("peak_memory_bytes", "optimizer_state_bytes", "tokens_per_s", "step_time_s")
 
 
+def compared_to(method: str) -> str:
+    return COMPARED_TO.get(method, "peer")
+
+
 def add_peer_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each figure divided by the peer's (None without a successful peer run)."""
-    peer = next((r for r in rows if r["method"] == "peer" and _measured(r)), None)
+    """Each figure divided by that of the row's peer (compared_to), None where either is missing.
+    A run that stopped early (out of memory, killed) is compared on what it reached; a
+    predicted row (--predict_only) on its predicted memory."""
+    by_method = {r["method"]: r for r in rows}
     for row in rows:
-        row["vs_peer"] = {key: (row[key] / peer[key] if peer and _measured(row) and peer[key] else None)
-                          for key in RATIO_KEYS}
+        row["compared_to"] = compared_to(row["method"])
+        peer = by_method.get(row["compared_to"])
+        row["vs_peer"] = {key: (_figure(row, key) / peer[key] if peer is not None and _figure(row, key) is not None
+                                and peer.get(key) else None) for key in RATIO_KEYS}
+
+
+def _figure(row: dict[str, Any], key: str) -> Optional[float]:
+    """A row's measured figure, or for a --predict_only row the memory model's."""
+    if row.get("predicted_only"):
+        return (row["predicted"] or {}).get(key)
+    return row.get(key)
 
 
 # ---------------------------------------------------------------- the report
@@ -434,9 +519,13 @@ def _ratio(value: Optional[float]) -> str:
     return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"  # LOMO's state is 1000x below the peer's
 
 
+def _cell(value: Optional[float], fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
-    layers = s["gamma"], s["num_layers"], s["interval"]
+    layers = s["gamma"], s["num_layers"], s["interval"], s["interval_source"]
     lines = [
         f"# Benchmark: {s['model_config']}, {s['num_layers']} of {s['full_depth']} layers "
         f"({s['parameters'] / 1e6:,.1f}M parameters)",
@@ -444,49 +533,76 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- date: {results['date']}",
         f"- device: {results['device']['name']}; OMP_NUM_THREADS={results['device']['omp_num_threads'] or 'unset'}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
-        f"- setup: {s['precision']}, {s['world_size']} rank(s) per trainer run (the peer: 1 process), "
+        f"- setup: {s['precision']}, {s['world_size']} rank(s) per trainer run (the peers: 1 process), "
         f"ZeRO-{s['zero_stage']}, master weights {s['master_weights']} (lisa, galore, owlore), "
+        + ("update in backward without clipping (lisa, galore, owlore; the rest clip at 1.0), "
+           if s.get("update_in_backward") else "clipping 1.0, ") +
         f"micro-batch {s['micro_batch_size']}, block {s['block_size']}, gradient checkpointing "
-        f"{'on' if s['gradient_checkpointing'] else 'off'}, {s['steps']} steps, lr {s['learning_rate']:g} constant",
-        "- lisa, owlore, peer: %d of %d layers, resampled every %d steps" % layers
+        f"{'on' if s['gradient_checkpointing'] else 'off'} (the peers: always on), {s['steps']} steps, "
+        f"lr {s['learning_rate']:g} constant",
+        "- lisa, owlore, peer, peer_lisa: %d of %d layers, resampled every K = %d steps (K from %s)" % layers
         + f"; galore, owlore, peer: GaLore rank {s['galore_rank']}, gap {s['galore_update_proj_gap']}, "
         f"scale {s['galore_scale']:g}, std; lora: r {s['lora_r']}, alpha {s['lora_alpha']:g}, "
         f"{','.join(s['lora_target_modules'])}",
+        "- peers (tools/peer_owlore.py, the reference as it runs: pure bf16, HF's loss over the full logits, "
+        "clipping 1.0, the state of every visited layer kept): peer = GaLoreAdamW(lr only: eps 1e-6, no weight "
+        "decay), the peer of every method but lisa; peer_lisa = LMFlow's LISA (torch AdamW, HF defaults), "
+        "the peer of lisa",
         f"- data: `{s['dataset_path']}`, tokenizer of `models/shakespeare-llama`",
         f"- command: `{results['command']}`",
         "",
-        "| method | peak MiB | vs peer | predicted peak MiB | optimizer state MiB | vs peer | predicted optimizer MiB "
-        "| tokens/s | vs peer | step s | vs peer | layers visited |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | run | vs | peak MiB | vs peer | predicted peak MiB | optimizer state MiB | vs peer "
+        "| predicted optimizer MiB | tokens/s | vs peer | step s | vs peer | layers visited |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     failed = []
     for row in results["rows"]:
         predicted = row["predicted"] or {}
-        name = row["method"]
         if row["error"] is not None:
             failed.append(row)
-            if not _measured(row):
-                lines.append(f"| {name} | failed (below) |" + " |" * 11)
-                continue
-            name += " (failed after its last step, below)"
         ratio = row["vs_peer"]
-        visited = row["layers_visited"]
+        visited = row.get("layers_visited")
+        if row.get("predicted_only"):
+            run = "predicted, not run"
+        elif row["outcome"] == "completed":
+            run = f"{row['steps_completed']} steps"
+        else:
+            run = f"{row['outcome']} after step {row['steps_completed']}"
         lines.append(
-            f"| {name} | {_mib(row['peak_memory_bytes'])} | {_ratio(ratio['peak_memory_bytes'])} "
-            f"| {_mib(predicted.get('peak_memory_bytes'))} | {_mib(row['optimizer_state_bytes'])} "
-            f"| {_ratio(ratio['optimizer_state_bytes'])} | {_mib(predicted.get('optimizer_state_bytes'))} "
-            f"| {row['tokens_per_s']:,.1f} | {_ratio(ratio['tokens_per_s'])} | {row['step_time_s']:.3f} "
+            f"| {row['method']} | {run} | {row['compared_to']} | {_mib(row.get('peak_memory_bytes'))} "
+            f"| {_ratio(ratio['peak_memory_bytes'])} | {_mib(predicted.get('peak_memory_bytes'))} "
+            f"| {_mib(row.get('optimizer_state_bytes'))} | {_ratio(ratio['optimizer_state_bytes'])} "
+            f"| {_mib(predicted.get('optimizer_state_bytes'))} | {_cell(row.get('tokens_per_s'), ',.1f')} "
+            f"| {_ratio(ratio['tokens_per_s'])} | {_cell(row.get('step_time_s'), '.3f')} "
             f"| {_ratio(ratio['step_time_s'])} | {'all' if visited is None else len(visited)} |")
     lines += [
         "",
         "Peak: on CPU the process's peak resident set during training (from the end of setup, every weight "
-        "page read) above its resident set before the model was built (on a GPU, max allocated), largest over ranks. Optimizer state: the largest `optimizer_state_bytes` "
-        "of the run (moments, master weights, projectors). tokens/s and step time: median over the steps after "
-        f"the first {s['warmup_steps_excluded']}. \"vs peer\": the figure divided by the peer's. Predicted: "
-        "`owlore_ds.memory_model.estimate` (n/a where it is unavailable or does not cover the method).",
+        "page read) above its resident set before the model was built (on a GPU, max allocated), largest over "
+        "ranks. Optimizer state: the largest `optimizer_state_bytes` of the run (moments, master weights, "
+        "projectors). tokens/s and step time: median over the steps after the first "
+        f"{s['warmup_steps_excluded']}, at K = {s['interval']}. \"vs\": the peer each row is divided by; "
+        "\"vs peer\": the figure divided by that peer's (a run that stopped early: by what it reached; a "
+        "predicted row: its prediction). Predicted: `owlore_ds.memory_model.estimate` (n/a where it is "
+        "unavailable or does not cover the method).",
     ]
     if failed:
-        lines += ["", "Failed runs:", ""] + [f"- {row['method']}: {row['error']}" for row in failed]
+        lines += ["", "Runs that stopped early or failed (a result: the steps and layers they reached are above "
+                  "and below):", ""]
+        lines += [f"- {row['method']}: {row['error']}" for row in failed]
+    lines += ["", "## Per step", "",
+              "Peak and optimizer state at each step, the layers visited so far (\"all\": every layer trains), "
+              "tokens/s of the step."]
+    for row in results["rows"]:
+        if not row.get("per_step"):
+            continue
+        lines += ["", f"### {row['method']}", "",
+                  "| step | peak MiB | optimizer state MiB | layers visited | tokens/s |", "|---|---|---|---|---|"]
+        for step in row["per_step"]:
+            visited = step["layers_visited"]
+            lines.append(f"| {step['step']} | {_mib(step['peak_memory_bytes'])} "
+                         f"| {_mib(step['optimizer_state_bytes'])} | {'all' if visited is None else visited} "
+                         f"| {step['tokens_per_s']:,.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -502,29 +618,39 @@ def main() -> None:
     command = shlex.join(["python", "tools/benchmark.py", *sys.argv[1:]])
     out = settings.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    print(f"methods {','.join(settings.methods)}; lisa/owlore/peer: gamma {settings.gamma} of "
-          f"{settings.config.num_hidden_layers} layers, K {settings.interval} steps; GaLore rank {args.galore_rank}, "
-          f"gap {args.galore_update_proj_gap}, scale {args.galore_scale:g}", flush=True)
+    print(f"methods {','.join(settings.methods)}; lisa/owlore/peers: gamma {settings.gamma} of "
+          f"{settings.config.num_hidden_layers} layers, K {settings.interval} steps ({settings.interval_source}); "
+          f"GaLore rank {args.galore_rank}, gap {args.galore_update_proj_gap}, scale {args.galore_scale:g}", flush=True)
     model, parameters, ratio_file = build_model(settings)
 
     env = child_env(args.world_size)
     rows = []
     for method in settings.methods:
+        row: dict[str, Any] = {"method": method}
+        row["predicted"], row["prediction_note"] = predict(method, settings)
+        if method in settings.predict_only:
+            row.update(predicted_only=True, error=None, outcome="predicted", steps_completed=0, per_step=[])
+            print(f"{method}: not run; predicted peak {_mib((row['predicted'] or {}).get('peak_memory_bytes'))} MiB "
+                  f"({row['prediction_note'] or 'memory model'})", flush=True)
+            rows.append(row)
+            continue
         cmd = method_command(method, settings, method_flags(method, settings, model, ratio_file))
         run_dir = out / "runs" / method
         records, error = run_method(method, cmd, env, run_dir, out / "logs" / f"{method}.log", args.steps,
                                     args.timeout_s)
-        row: dict[str, Any] = {"method": method, "error": error, "command": shlex.join(cmd),
-                               "log": str(out / "logs" / f"{method}.log")}
-        if len(records) >= args.steps:  # figures of a run that failed after its last step still hold
+        row.update(error=error, outcome=outcome(error), steps_completed=len(records), command=shlex.join(cmd),
+                   log=str(out / "logs" / f"{method}.log"), per_step=per_step(records))
+        if method in PEERS and (run_dir / PEER_RUN).exists():
+            row["ran"] = json.loads((run_dir / PEER_RUN).read_text())
+        if records:  # a run that stopped early (out of memory, killed) is a result: what it reached
             row.update(summarize(records, args.warmup_steps_excluded))
         if error is None:
             print(f"{method}: peak {_mib(row['peak_memory_bytes'])} MiB, optimizer state "
                   f"{_mib(row['optimizer_state_bytes'])} MiB, {row['tokens_per_s']:,.1f} tokens/s, "
                   f"step {row['step_time_s']:.3f} s", flush=True)
         else:
-            print(f"{method}: FAILED: {error} (log: {row['log']})", flush=True)
-        row["predicted"], row["prediction_note"] = predict(method, settings)
+            print(f"{method}: {row['outcome'].upper()} after step {len(records)}: {error} (log: {row['log']})",
+                  flush=True)
         rows.append(row)
         if not args.keep_checkpoints:
             for path in list(run_dir.glob("checkpoint-*")) + [run_dir / "final"]:
@@ -538,10 +664,11 @@ def main() -> None:
         "device": device_description(),
         "versions": package_versions(VERSIONED_PACKAGES),
         "settings": {
-            **{k: v for k, v in vars(args).items() if k not in ("methods", "lora_target_modules")},
+            **{k: v for k, v in vars(args).items() if k not in ("methods", "lora_target_modules", "predict_only")},
             "methods": settings.methods, "lora_target_modules": list(settings.lora_target_modules),
             "num_layers": settings.config.num_hidden_layers, "full_depth": full_depth, "parameters": parameters,
             "precision": settings.precision, "gamma": settings.gamma, "interval": settings.interval,
+            "interval_source": settings.interval_source, "predict_only": settings.predict_only,
             "outlier_ratios": str(ratio_file) if ratio_file else None,
         },
         "rows": rows,

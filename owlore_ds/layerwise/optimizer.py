@@ -24,7 +24,9 @@ returning layer's projectors are refreshed on their own schedule, not by a new S
 With `update_in_backward` (no clipping) an item is updated, and its gradient freed, as soon
 as its reduction is complete in the last micro-batch's backward, as GaLore 2 and LOMO do:
 the owned share of the gradients then never exists at once. The updates are the same as
-at `step()` (the same rules, gradients and order per item), so the weights are too.
+at `step()` (the same rules, gradients and order per item), so the weights are too. Backward
+makes no host sync for it (under ZeRO-3 one, for the matrices' gather flags); the gradient
+norm, and a non-finite gradient, are checked at `step()` (see _update_completed).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.update_in_backward = update_in_backward
         self.final_micro_batch = True  # set by the caller before each backward
         self._updated: set[str] = set()  # items already updated in this step's backward
+        self._backward_gather: Optional[dict[str, bool]] = None  # ZeRO-3 gather flags of this backward
         self.projector_refreshes = 0  # SVDs this rank ran since the counter was last read
         self._backward_squares = torch.zeros(1, dtype=torch.float64, device=self.device)
         if update_in_backward:
@@ -110,9 +113,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.global_grad_norm: Optional[float] = None
         self.sizes = {name: full_numel(p) for layer in layers for name, p in layer}
         self._always_items = [item for name, p in always for item in always_items(name, p, self.world)]
-        self._items_of: dict[torch.nn.Parameter, list[Item]] = {}
-        for item in self._always_items:
-            self._items_of.setdefault(item.param, []).append(item)
+        self._index_items()
         self._names = {p: name for layer in layers for name, p in layer} | {p: name for name, p in always}
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_gradient)
@@ -161,9 +162,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 if name in self.offloaded and self.owners[name] == self.rank:
                     self.item_state[name] = to_device(self.offloaded.pop(name), self.device)
         self.active = sorted(active)
+        self._index_items()
+
+    def _index_items(self) -> None:
+        """The items of each parameter and each item's position in items(), rebuilt only when the
+        active layers change (not per bucket in backward)."""
         self._items_of = {}
-        for item in self.items():
+        self._order: dict[str, int] = {}
+        for position, item in enumerate(self.items()):
             self._items_of.setdefault(item.param, []).append(item)
+            self._order[item.key] = position
 
     # ------------------------------------------------------------------ backward
 
@@ -191,20 +199,25 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         state = self.item_state.get(item.key)
         return item.owner == self.rank and (state is None or "master" not in state)
 
-    def _clip_and_plan(self, items: list[Item], grads: dict[str, torch.Tensor],
-                       squares: Optional[torch.Tensor] = None) -> tuple[float, list[bool]]:
-        """(clip coefficient, per item whether its owner gathers the matrix), from one all-reduce
-        of [squared norm, gather flags] and the step's one host sync. `squares`: of gradients
-        already applied in backward, which count in the norm."""
+    def _reduce_squares_and_flags(self, squares: torch.Tensor, items: list[Item]) -> list[float]:
+        """[global squared norm, then per item whether its owner gathers the matrix (> 0)]: one
+        all-reduce of this rank's squares and flags, and one host sync."""
         flags = torch.tensor([float(self.zero3 and self._needs_current_weights(item)) for item in items],
                              dtype=torch.float64, device=self.device)
-        squares = torch.zeros(1, dtype=torch.float64, device=self.device) if squares is None else squares.clone()
-        for grad in grads.values():
-            squares += squared_norm(grad)
         reduced = torch.cat([squares, flags])
         if self.world > 1:
             torch_dist.all_reduce(reduced)
-        reduced = reduced.tolist()
+        return reduced.tolist()
+
+    def _clip_and_plan(self, items: list[Item], grads: dict[str, torch.Tensor],
+                       squares: Optional[torch.Tensor] = None) -> tuple[float, list[bool]]:
+        """(clip coefficient, per item whether its owner gathers the matrix), from the step's one
+        all-reduce and host sync. `squares`: of gradients already applied in backward, which
+        count in the norm."""
+        squares = torch.zeros(1, dtype=torch.float64, device=self.device) if squares is None else squares.clone()
+        for grad in grads.values():
+            squares += squared_norm(grad)
+        reduced = self._reduce_squares_and_flags(squares, items)
         self.global_grad_norm = math.sqrt(reduced[0])
         gather = [flag > 0 for flag in reduced[1:]]
         if self.max_grad_norm > 0 and self.global_grad_norm > self.max_grad_norm:
@@ -267,28 +280,41 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 weights = self._update(item, weights, grads.pop(item.key), coefficient, group)
             comm.write_weights(item, weights, self.zero3, self.rank, self.device)
 
+    def _gather_flags(self) -> dict[str, bool]:
+        """Under ZeRO-3, whether each item's owner gathers its matrix, for every item of the step
+        at once: the one all-reduce and host sync of a backward. An item's flag depends only on
+        its owner's state of it, which only its own update (later in this backward) changes."""
+        if self._backward_gather is None:
+            items = self.items()
+            zero = torch.zeros(1, dtype=torch.float64, device=self.device)
+            flags = self._reduce_squares_and_flags(zero, items)[1:]
+            self._backward_gather = {item.key: flag > 0 for item, flag in zip(items, flags)}
+        return self._backward_gather
+
     @torch.no_grad()
     def _update_completed(self, completed: list[Item]) -> None:
-        """The reducer's callback in backward: updates the items whose gradient is complete.
-        Each rank's squared norms and gather flags go through one small all-reduce, so a
-        non-finite gradient stops every rank before any weight takes it."""
+        """The reducer's callback in backward: updates the items whose gradient is complete,
+        without a host sync (ZeRO-3: one per backward, _gather_flags) or a collective beyond
+        the weights' own. A non-finite gradient must not reach the weights, nor raise on one
+        rank while the others wait in a collective: its bucket's gradients are zeroed on the
+        device and its squares kept in the norm, so at step() every rank stops together."""
         if not self.final_micro_batch:
             return
-        order = {item.key: i for i, item in enumerate(self.items())}
-        items = sorted(completed, key=lambda item: order[item.key])
+        items = sorted(completed, key=lambda item: self._order[item.key])
         grads = {item.key: self.reducer.take(item, self.device) for item in items if item.owner == self.rank}
         squares = torch.zeros(1, dtype=torch.float64, device=self.device)
         for grad in grads.values():
             squares += squared_norm(grad)
-        flags = torch.tensor([float(self.zero3 and self._needs_current_weights(item)) for item in items],
-                             dtype=torch.float64, device=self.device)
-        reduced = torch.cat([squares, flags])
-        if self.world > 1:
-            torch_dist.all_reduce(reduced)
-        if not torch.isfinite(reduced[0]):  # one host sync per completed bucket
-            raise RuntimeError(f"a gradient norm is {reduced[0].item()}; stopping before the weights take it")
+        non_finite = ~torch.isfinite(squares)  # on the device: masked_fill_ below needs no sync
+        for grad in grads.values():
+            grad.masked_fill_(non_finite, 0)
         self._backward_squares += squares
-        self._apply(items, grads, 1.0, (reduced[1:] > 0).tolist())
+        if self.zero3:
+            flags = self._gather_flags()
+            gather = [flags[item.key] for item in items]
+        else:
+            gather = [False] * len(items)
+        self._apply(items, grads, 1.0, gather)
         self._updated.update(item.key for item in items)
 
     @torch.no_grad()
@@ -300,6 +326,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         grads = {item.key: self.reducer.take(item, self.device) for item in items if item.owner == self.rank}
         coefficient, gather = self._clip_and_plan(items, grads, self._backward_squares)
         self._updated.clear()
+        self._backward_gather = None
         self._backward_squares.zero_()
         if not math.isfinite(self.global_grad_norm):  # the same value on every rank: all stop together
             raise RuntimeError(f"the gradient norm is {self.global_grad_norm}; stopping before the weights take it")
