@@ -16,6 +16,7 @@ memory maps, so a reader's resident memory does not grow with the corpus.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from array import array
@@ -35,6 +36,22 @@ _PREAMBLE = struct.Struct("<9sQBQQ")  # header, version, dtype code, sequence co
 def token_dtype(vocab_size: int) -> type:
     """Megatron's choice: uint16 when every id fits with room to spare, else int32."""
     return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def release_pages(*arrays: np.ndarray) -> None:
+    """Unmaps the pages of these memory-mapped arrays' files that this process has read.
+
+    A read page of a file mapping counts in the process's resident set until unmapped, so a
+    run that reads windows all over a large corpus (and its index and sample order) would
+    see its RSS grow with the corpus, though the pages belong to the kernel's page cache.
+    MADV_DONTNEED on a read-only shared mapping only drops this process's mappings: the
+    pages stay cached, and the next read maps them again."""
+    for mapped in arrays:
+        base = mapped
+        while isinstance(base, np.ndarray):
+            base = base.base
+        if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            base.madvise(mmap.MADV_DONTNEED)
 
 
 def is_prefix(path: str) -> bool:
@@ -79,6 +96,10 @@ class IndexedDataset:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def release(self) -> None:
+        """Unmaps what was read of P.idx and P.bin (release_pages)."""
+        release_pages(self._idx, self._bin)
 
     @property
     def num_documents(self) -> int:

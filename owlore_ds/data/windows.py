@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from owlore_ds.data.indexed import IndexedDataset, is_prefix
+from owlore_ds.data.indexed import IndexedDataset, is_prefix, release_pages
 from owlore_ds.data.sample_index import SampleIndexCache
 from owlore_ds.errors import UserInputError
 
@@ -38,7 +38,11 @@ class _Windows:
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         if self.document_attention:
             batch["position_ids"] = torch.stack([self.window_positions(row) for row in rows.tolist()])
+        self.release()
         return batch
+
+    def release(self) -> None:
+        """Unmaps the pages of memory-mapped files read for the last batch (indexed.release_pages)."""
 
     def target_count(self, rows: torch.Tensor) -> int:
         return len(rows) * (self.block_size - 1)
@@ -90,6 +94,10 @@ class PackedWindows(_Windows):
             self._offsets = np.concatenate([[0], np.cumsum(dataset.lengths[:-1], dtype=np.int64)]) * self._itemsize
         last = len(dataset) - 1
         self._num_tokens = self._begin(last) + int(dataset.lengths[last]) if len(dataset) else 0
+        dataset.release()  # the check above read the whole index
+
+    def release(self) -> None:
+        self.dataset.release()
 
     def _begin(self, sequence: int | np.ndarray):
         """Stream position of the first token of `sequence` (or of each of an array of them)."""
@@ -182,6 +190,11 @@ class BlendedWindows(_Windows):
 
     def __len__(self) -> int:
         return len(self.picks)
+
+    def release(self) -> None:
+        release_pages(self.picks)
+        for part in self.parts:
+            part.release()
 
     def window(self, row: int) -> torch.Tensor:
         dataset, window = self.picks[row]
