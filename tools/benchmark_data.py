@@ -14,8 +14,9 @@
    --world_size ranks (torchrun, shuffled windows), every rank under `/usr/bin/time`, whose
    "maximum resident set size" is the rank's whole-life peak: loading the data, its sample
    order and the model included (the trainer's own peak_memory_bytes starts after the data).
+   Twice: run 1 builds the prefix's sample order (one rank per node), run 2 reads it.
 4. Writes OUT/results.json and OUT/results.md: per corpus the figures above and the largest
-   rank's peak RSS, and the large corpus's peak as a ratio to the small one's. The dense
+   rank's peak RSS of each run, and the large corpus's largest peak as a ratio to the small one's. The dense
    in-memory path (int64 input_ids, labels and attention_mask) would need 24 bytes a token.
 
 Corpora and prefixes already in OUT are reused (delete OUT to start over).
@@ -138,19 +139,24 @@ def train(prefix: Path, out: Path, args: argparse.Namespace, log: Path) -> dict[
 
 
 def render(results: dict[str, Any]) -> str:
-    gib = 2**30
+    gib, mib = 2**30, 2**20
     lines = [f"- date: {results['date']}", f"- device: {results['device']}",
              f"- command: `{results['command']}`", "",
              "| corpus | documents | tokens | .bin | preprocess tokens/s (workers) | dense in-memory path would need "
-             "| peak RSS per rank (largest) | vs small |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    small_peak = max(results["corpora"]["small"]["train"]["rank_peak_rss_bytes"])
+             "| run 1 (builds the order): peak RSS per rank | run 2: peak RSS per rank | largest vs small |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def peaks(row: dict[str, Any], run: int) -> list[int]:
+        return row[f"train_{run}"]["rank_peak_rss_bytes"]
+
+    small = results["corpora"]["small"]
     for name, row in results["corpora"].items():
-        pre, peak = row["preprocess"], max(row["train"]["rank_peak_rss_bytes"])
+        pre = row["preprocess"]
+        ratios = " / ".join(f"{max(peaks(row, run)) / max(peaks(small, run)):.3f}x" for run in (1, 2))
         lines.append(f"| {name} | {pre['documents']:,} | {pre['tokens']:,} | {pre['bin_bytes'] / gib:.2f} GiB | "
                      f"{pre['tokens_per_s']:,.0f} ({pre['workers']}) | {24 * pre['tokens'] / gib:.1f} GiB | "
-                     f"{peak / 2**20:,.1f} MiB ({', '.join(f'{p / 2**20:,.1f}' for p in row['train']['rank_peak_rss_bytes'])}) | "
-                     f"{peak / small_peak:.3f}x |")
+                     + " | ".join(", ".join(f"{p / mib:,.1f}" for p in peaks(row, run)) + " MiB" for run in (1, 2))
+                     + f" | {ratios} |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,11 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     if results["corpora"]["large"]["preprocess"]["tokens"] < args.tokens:
         raise RuntimeError(f"the large corpus has {results['corpora']['large']['preprocess']['tokens']:,} tokens, "
                            f"fewer than --tokens {args.tokens:,}; delete {out} and run again")
-    for name in ("small", "large"):
-        results["corpora"][name]["train"] = train(out / name, out / f"run_{name}", args,
-                                                  out / "logs" / f"train_{name}.log")
-        print(f"{name}: peak RSS per rank " + ", ".join(
-            f"{b / 2**20:,.1f} MiB" for b in results["corpora"][name]["train"]["rank_peak_rss_bytes"]), flush=True)
+    # Run 1 on a prefix builds its sample order (one rank per node, beside the data); run 2 reads it.
+    for run in (1, 2):
+        for name in ("small", "large"):
+            trained = train(out / name, out / f"run_{name}_{run}", args, out / "logs" / f"train_{name}_{run}.log")
+            results["corpora"][name][f"train_{run}"] = trained
+            print(f"{name}, run {run}: peak RSS per rank " + ", ".join(
+                f"{b / 2**20:,.1f} MiB" for b in trained["rank_peak_rss_bytes"]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = render(results)
     (out / "results.md").write_text(table)
