@@ -32,7 +32,7 @@ benchmark: venv
 	  --methods full,lora,lisa,galore,owlore,lomo,adalomo,peer,peer_lisa --steps 6 --micro_batch_size 1 \
 	  --block_size 256 --gradient_checkpointing --master_weights pure_bf16 --lisa_interval_steps 6 --output_dir bench_out
 
-# Issue 16's full-depth table: all 32 layers, owlore and lisa beside their peers, full AdamW predicted
+# docs/benchmarks.md's full-depth table (not yet run here): all 32 layers, owlore and lisa beside their peers, full AdamW predicted
 benchmark_full_depth: venv
 	DS_ACCELERATOR=$(ACCELERATOR) $(PYTHON) tools/benchmark.py --model_config llama2-7b \
 	  --methods owlore,lisa,peer,peer_lisa,full --predict_only full --steps 12 --warmup_steps_excluded 2 \
