@@ -10,6 +10,7 @@ OWLORE_TEST_FORKSERVER=0 runs everything under real launchers.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -30,6 +31,15 @@ from forkserver import ForkServer  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 TRAIN = str(ROOT / "launch" / "train.py")
 CORPUS = ROOT / "data" / "pretrain" / "train.txt"
+
+
+def load_tool(name: str):
+    """A script of tools/ loaded as a module (tools/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def base_env(port: Optional[int] = None) -> dict[str, str]:

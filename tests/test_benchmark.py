@@ -9,7 +9,6 @@ pure bf16, gradient checkpointing) and record it, and that a run killed mid-way 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, ROOT, base_env, processes_writing
+from conftest import CORPUS, ROOT, base_env, load_tool, processes_writing
 from owlore_ds.metrics import read_metrics
 
 BENCHMARK = str(ROOT / "tools" / "benchmark.py")
@@ -61,15 +60,6 @@ def tiny_args(config: Path, data: Path, out: Path, **overrides) -> list[str]:
              "block_size": 32, "galore_rank": 16}
     flags.update(overrides)
     return [text for key, value in flags.items() for text in (f"--{key}", str(value))]
-
-
-def _load_tool(name: str):
-    # tools/ is a folder of scripts, not a package.
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 METHODS = ["full", "lisa", "owlore", "peer", "peer_lisa", "galore"]
@@ -233,7 +223,7 @@ def test_peer_builds_the_reference_optimizer_and_model(three_methods, small_text
     import torch
     from galore_torch import GaLoreAdamW
 
-    peer_tool = _load_tool("peer_owlore")
+    peer_tool = load_tool("peer_owlore")
     reference = GaLoreAdamW([torch.nn.Parameter(torch.zeros(4, 4))], lr=3e-4).defaults
     assert (reference["eps"], reference["weight_decay"], reference["betas"]) == (1e-6, 0.0, (0.9, 0.999))
     for kind, optimizer_type, defaults in (
@@ -374,7 +364,7 @@ def test_bad_input(tmp_path, flags, fragment):
 def test_full_depth_settings_and_outcomes():
     """The full-depth invocation (Makefile benchmark_full_depth) resolves to gamma 5 of 32 layers
     at K 1 from its flag, full predicted only; and a run's end is named from its error line."""
-    benchmark = _load_tool("benchmark")
+    benchmark = load_tool("benchmark")
     args = benchmark.build_parser().parse_args(
         ["--model_config", "llama2-7b", "--methods", "owlore,lisa,peer,peer_lisa,full", "--predict_only", "full",
          "--steps", "12", "--lisa_activated_layers", "5", "--lisa_interval_steps", "1", "--gradient_checkpointing",

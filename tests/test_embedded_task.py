@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, load_tool
+
 TASK_DIR = ROOT / "data" / "tasks" / "shakespeare_speaker"
 TEXTS = ROOT / "data" / "shakespeare"
 
 
-def _load_tool(name: str):
-    # tools/ is a folder of scripts, not a package.
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-make_task = _load_tool("make_embedded_task")
-score_task = _load_tool("score_task")
-train_tokenizer = _load_tool("train_tokenizer")
+make_task = load_tool("make_embedded_task")
+score_task = load_tool("score_task")
+train_tokenizer = load_tool("train_tokenizer")
 
 
 def _lines(instance: dict) -> list[str]:
