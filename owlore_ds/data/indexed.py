@@ -15,12 +15,14 @@ memory maps, so a reader's resident memory does not grow with the corpus.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import struct
+import tempfile
 from array import array
-from typing import Iterable, Optional
+from typing import BinaryIO, Callable, Iterable, Optional
 
 import numpy as np
 
@@ -36,6 +38,23 @@ _PREAMBLE = struct.Struct("<9sQBQQ")  # header, version, dtype code, sequence co
 def token_dtype(vocab_size: int) -> type:
     """Megatron's choice: uint16 when every id fits with room to spare, else int32."""
     return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Writes `path` through `write` under a temporary name no other process (on any host sharing
+    the folder) can have, then renames it: a reader sees the whole file or none."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as fh:
+            write(fh)
+        os.chmod(tmp, 0o644)  # mkstemp's 0o600 would keep the other users of shared data out
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def release_pages(*arrays: np.ndarray) -> None:

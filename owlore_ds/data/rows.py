@@ -18,6 +18,13 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 
 
+def restart_positions(restarts: torch.Tensor) -> torch.Tensor:
+    """Position ids along the last dimension that count from 0 at its start and again at every
+    True of `restarts` (an example's or document's first token)."""
+    index = torch.arange(restarts.shape[-1]).expand_as(restarts)
+    return index - torch.cummax(torch.where(restarts, index, 0), dim=-1).values
+
+
 class TrainingData(Protocol):
     """What the trainer asks of a dataset: rows by index, never the whole dense tensors."""
 
@@ -147,8 +154,7 @@ class CompactRows:
         restarts[torch.from_numpy(self._examples[first:last] - lo)] = True
         if hi - lo < self.block_size:
             restarts[hi - lo] = True
-        index = torch.arange(self.block_size)
-        return index - torch.cummax(torch.where(restarts, index, 0), dim=0).values
+        return restart_positions(restarts)
 
     def target_count(self, rows: torch.Tensor) -> int:
         return int(self._targets[torch.as_tensor(rows).numpy()].sum(dtype=np.int64))

@@ -3,7 +3,6 @@ kept as .npy files beside the data, which every rank then opens memory-mapped.""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -16,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from owlore_ds import distributed as dist
+from owlore_ds.data.indexed import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ class SampleIndexCache:
         error = None
         if builders.get(where) == dist.rank():
             try:
-                _write(path, build)
+                log.info("building sample index %s", path)
+                write_atomic(path, lambda fh: np.save(fh, build()))
             except Exception as exc:
                 error = exc
         if not dist.all_agree(error is None):
@@ -81,21 +82,6 @@ class SampleIndexCache:
                 raise error
             raise RuntimeError(f"building the sample index {path} failed on another rank")
         return np.load(path, mmap_mode="r")
-
-
-def _write(path: str, build: Callable[[], np.ndarray]) -> None:
-    """Writes the index under a temporary name, then renames it: a reader sees all of it or nothing."""
-    log.info("building sample index %s", path)
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as fh:
-            np.save(fh, build())
-        os.chmod(tmp, 0o644)  # mkstemp's 0o600 would keep the other users of the data out
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def _identity(prefix: str) -> list:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from owlore_ds.data.records import DocumentSource
+from owlore_ds.data.rows import restart_positions
 from owlore_ds.data.tokenize import encode_documents
 from owlore_ds.data.windows import _Windows
 from owlore_ds.errors import UserInputError
@@ -182,8 +183,8 @@ class StreamingBatches:
             self._reader = TokenReader(self.source, self.tokenizer)
         self._ends_epoch = len(tokens) < size  # the stream ended inside this chunk
         chunk = torch.from_numpy(tokens[: windows * self.block_size]).view(windows, self.block_size)
-        positions = _positions(torch.from_numpy(begins[: windows * self.block_size]).view(windows, self.block_size)) \
-            if self.data.document_attention else None
+        positions = restart_positions(torch.from_numpy(begins[: windows * self.block_size]).view(
+            windows, self.block_size)) if self.data.document_attention else None
         top = int(chunk.max())
         if top >= self.vocab_size:
             raise UserInputError(f"--dataset_path {self.source.path}: token id {top} in chunk {number} is outside the "
@@ -234,11 +235,3 @@ class StreamingBatches:
         return {"epoch": self._epoch, "chunk": self._chunk_number, "chunk_start": list(self._chunk_start),
                 "used": self._used}
 
-
-def _positions(begins: torch.Tensor) -> torch.Tensor:
-    """Position ids of windows [n, block] given where documents begin in them: 0 at each window's
-    first token and at each document start inside it, as PackedWindows.window_positions."""
-    restarts = begins.clone()
-    restarts[:, 0] = True
-    index = torch.arange(begins.shape[1]).expand_as(begins)
-    return index - torch.cummax(torch.where(restarts, index, 0), dim=1).values

@@ -13,13 +13,13 @@ import shutil
 import socket
 import tempfile
 import uuid
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
 
 from owlore_ds import distributed as dist
-from owlore_ds.data.indexed import token_dtype
+from owlore_ds.data.indexed import token_dtype, write_atomic
 from owlore_ds.data.rows import IGNORE_INDEX, TokenizedData
 from owlore_ds.errors import UserInputError
 
@@ -275,7 +275,6 @@ def _to_tensors(ids_list: list[list[int]], labels_list: list[list[int]], block_s
     return TokenizedData(input_ids, labels, mask)
 
 
-
 def _hash_files(paths: Iterable[str], digest, root: Optional[str] = None) -> None:
     for path in paths:
         digest.update((os.path.relpath(path, root) if root else os.path.basename(path)).encode())
@@ -316,7 +315,8 @@ def tokenize_once(path: str, cache_path: str, kind: str, records: list[dict], to
         lo, hi = len(records) * share // shares, len(records) * (share + 1) // shares
         log.info("tokenizing records %d-%d of %d (share %d of %d on this node)", lo, hi, len(records), share + 1, shares)
         try:
-            _save_atomic(encode_records(kind, records[lo:hi], tokenizer, block_size, packing), part(share))
+            encoded = encode_records(kind, records[lo:hi], tokenizer, block_size, packing)
+            write_atomic(part(share), lambda fh: torch.save(encoded, fh))
         except Exception as exc:  # a bad record or a full disk must fail every rank, not leave them waiting
             error = exc
     if not dist.all_agree(error is None):
@@ -334,18 +334,3 @@ def tokenize_once(path: str, cache_path: str, kind: str, records: list[dict], to
     if not dist.all_agree(failure is None):
         raise failure or UserInputError(f"--dataset_path {path}: writing the tokenized cache {cache_path} failed "
                                         "on another rank")
-
-
-def _save_atomic(obj: Any, path: str) -> None:
-    """Writes under a name no other process (on any host sharing the folder) can have, then renames."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise

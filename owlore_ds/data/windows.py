@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from owlore_ds.data.indexed import IndexedDataset, is_prefix, release_pages
+from owlore_ds.data.rows import restart_positions
 from owlore_ds.data.sample_index import SampleIndexCache
 from owlore_ds.errors import UserInputError
 
@@ -127,8 +128,7 @@ class PackedWindows(_Windows):
             found = np.searchsorted(documents, sequences)
             begins = sequences[(found < len(documents)) & (documents[np.minimum(found, len(documents) - 1)] == sequences)]
             restarts[torch.from_numpy(np.asarray(self._begin(begins), dtype=np.int64) - start)] = True
-        index = torch.arange(size)
-        return index - torch.cummax(torch.where(restarts, index, 0), dim=0).values
+        return restart_positions(restarts)
 
     def tokens(self, start: int, length: int) -> torch.Tensor:
         out = np.empty(length, dtype=np.int64)
