@@ -83,6 +83,9 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 weights and compute (fp32 master weights)"})
     fp32: bool = field(default=False, metadata={"help": "fp32 everywhere (the default)"})
     gradient_checkpointing: bool = False
+    offload_checkpoints: bool = field(default=False, metadata={
+        "help": "with --gradient_checkpointing: each layer's saved input waits in pinned host memory until its "
+                "recompute (as DeepSpeed's cpu_checkpointing), so the device holds one layer's, not every layer's"})
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (default: ZeRO-2)"})
 
     # Checkpoints and logging
@@ -205,6 +208,9 @@ class TrainConfig:
         for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise UserInputError("--offload_checkpoints: offloads the layer checkpoints, so it needs "
+                                 "--gradient_checkpointing")
         if self.update_in_backward and not self.layerwise:
             raise UserInputError(f"--update_in_backward: applies to lisa, owlore and galore, not --method {self.method} "
                                  "(lomo/adalomo always update in backward)")

@@ -53,7 +53,7 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 # Halko, Martinsson & Tropp (2011): a few extra sample columns and power
 # iterations make the range finder accurate even when the spectrum decays slowly.
-_OVERSAMPLE = 8
+OVERSAMPLE = 8
 _POWER_ITERS = 2
 
 
@@ -154,7 +154,7 @@ def compute_projector(
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         m, n = grad.shape
-        width = min(rank + _OVERSAMPLE, m, n)
+        width = min(rank + OVERSAMPLE, m, n)
         # Drawn once, so the float64 retry samples the same subspace.
         omega = torch.randn(
             n, width, generator=generator, device=generator.device, dtype=torch.float32

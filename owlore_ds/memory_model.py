@@ -212,12 +212,15 @@ def _lora_layer_saved(s: _Shapes, tokens: int, a: int, targets: tuple, lora_r: i
 
 
 def _activation_parts(s: _Shapes, micro_batch: int, block: int, a: int, checkpointing: bool,
-                      trainable_layers: int, lm_head_trained: bool, lora_extra: int = 0) -> tuple[int, int, int]:
+                      trainable_layers: int, lm_head_trained: bool, lora_extra: int = 0,
+                      offload_checkpoints: bool = False) -> tuple[int, int, int]:
     """Activations of one micro-batch in three parts: (held through backward, the loss'
     backward workspace, one layer's backward: its recompute and gradient temporaries).
 
     trainable_layers: how many decoder layers have trained weights (the others are frozen);
-    lora_extra: bytes the adapters add to every (frozen) layer (_lora_layer_saved).
+    lora_extra: bytes the adapters add to every (frozen) layer (_lora_layer_saved);
+    offload_checkpoints: the layers' inputs wait in host memory (modeling.saved_tensors_on_host)
+    and only the one being recomputed is back on the device.
     """
     tokens = micro_batch * block
     shifted = micro_batch * (block - 1)
@@ -229,6 +232,8 @@ def _activation_parts(s: _Shapes, micro_batch: int, block: int, a: int, checkpoi
         # exist again while it is recomputed in backward (a trained one is the larger).
         layers_saved = s.layers * a * tokens * s.hidden
         recompute = per_trained if trainable_layers else per_frozen
+        if offload_checkpoints:
+            layers_saved, recompute = 0, recompute + a * tokens * s.hidden
     else:
         layers_saved = trainable_layers * per_trained + frozen_layers * per_frozen
         recompute = 0
@@ -251,10 +256,12 @@ def _activation_parts(s: _Shapes, micro_batch: int, block: int, a: int, checkpoi
 
 
 def _activations(s: _Shapes, micro_batch: int, block: int, a: int, checkpointing: bool,
-                 trainable_layers: int, lm_head_trained: bool, lora_extra: int = 0) -> tuple[int, str]:
+                 trainable_layers: int, lm_head_trained: bool, lora_extra: int = 0,
+                 offload_checkpoints: bool = False) -> tuple[int, str]:
     """Peak activation bytes of one micro-batch: (bytes, what sets it)."""
     held, loss_workspace, layer_phase = _activation_parts(s, micro_batch, block, a, checkpointing,
-                                                          trainable_layers, lm_head_trained, lora_extra)
+                                                          trainable_layers, lm_head_trained, lora_extra,
+                                                          offload_checkpoints)
     which = "loss backward (fp32 logits)" if loss_workspace >= layer_phase else "layer backward"
     return held + max(loss_workspace, layer_phase), which
 
@@ -324,7 +331,8 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
              freeze_embeddings: bool = False, lora_r: int = 8, lora_target_modules: tuple = ("q_proj", "v_proj"),
              offload: bool = False, device: str = "cuda", reduce_dtype: str = "fp32",
              zero3_max_live_parameters: int = ZERO3_MAX_LIVE_PARAMETERS,
-             gradient_accumulation_steps: int = 1, update_in_backward: bool = False) -> MemoryEstimate:
+             gradient_accumulation_steps: int = 1, update_in_backward: bool = False,
+             galore_svd: str = "exact", offload_checkpoints: bool = False) -> MemoryEstimate:
     """Per-device bytes of one training run of `method` on a Hugging Face decoder `config`.
 
     `device` ("cuda" or "cpu") decides the two things that differ between them: torch
@@ -339,19 +347,22 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
         raise UserInputError(f"--reduce_dtype {reduce_dtype!r}: expected fp32 or bf16")
     if gradient_accumulation_steps < 1:
         raise UserInputError(f"--gradient_accumulation_steps {gradient_accumulation_steps}: expected at least 1")
+    if galore_svd not in ("exact", "randomized"):
+        raise UserInputError(f"--galore_svd {galore_svd!r}: expected exact or randomized")
+    offload_checkpoints = offload_checkpoints and gradient_checkpointing
     s = _shapes(config)
     if method in LAYERWISE:
         result = _layerwise(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
                             gradient_checkpointing, lisa_activated_layers, galore_rank, master_weights,
                             freeze_embeddings, device, PRECISIONS[reduce_dtype], zero3_max_live_parameters,
-                            gradient_accumulation_steps, update_in_backward)
+                            gradient_accumulation_steps, update_in_backward, galore_svd, offload_checkpoints)
     elif method in ("lomo", "adalomo"):
         result = _lomo(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
-                       gradient_checkpointing, device, zero3_max_live_parameters)
+                       gradient_checkpointing, device, zero3_max_live_parameters, offload_checkpoints)
     else:
         result = _deepspeed_adamw(s, method, world_size, zero_stage, precision, micro_batch_size, block_size,
                                   gradient_checkpointing, lora_r, tuple(lora_target_modules), offload, device,
-                                  zero3_max_live_parameters)
+                                  zero3_max_live_parameters, offload_checkpoints)
     if device == "cpu" and zero_stage == 3:
         # Loading on CPU under zero.Init (HfDeepSpeedConfig): from_pretrained copies each
         # tensor of the memory-mapped checkpoint into this rank's partition, and the file's
@@ -383,7 +394,7 @@ def _lora_params(s: _Shapes, lora_r: int, targets: tuple) -> int:
 
 def _deepspeed_adamw(s: _Shapes, method: str, n: int, stage: int, precision: str, micro: int, block: int,
                      checkpointing: bool, lora_r: int, targets: tuple, offload: bool, device: str,
-                     live: int = ZERO3_MAX_LIVE_PARAMETERS) -> MemoryEstimate:
+                     live: int = ZERO3_MAX_LIVE_PARAMETERS, offload_checkpoints: bool = False) -> MemoryEstimate:
     """full (every parameter) and lora (the adapters): torch AdamW driven by DeepSpeed's ZeRO.
 
     ZeRO-1/2 flatten the trained params and keep an fp32 copy of this rank's 1/N partition
@@ -439,10 +450,11 @@ def _deepspeed_adamw(s: _Shapes, method: str, n: int, stage: int, precision: str
         # Base weights, norms and lm_head frozen: every layer saves what a frozen one does,
         # plus what its adapters save (_lora_layer_saved).
         acts, which = _activations(s, micro, block, w, checkpointing, trainable_layers=0, lm_head_trained=False,
-                                   lora_extra=_lora_layer_saved(s, micro * block, w, targets, lora_r))
+                                   lora_extra=_lora_layer_saved(s, micro * block, w, targets, lora_r),
+                                   offload_checkpoints=offload_checkpoints)
     else:
         acts, which = _activations(s, micro, block, w, checkpointing, trainable_layers=s.layers,
-                                   lm_head_trained=True)
+                                   lm_head_trained=True, offload_checkpoints=offload_checkpoints)
     est.activations = acts
     state = est.master_weights + est.optimizer_state
     backward = est.weights + state + persistent_grads + est.comm_buffers + acts
@@ -518,7 +530,8 @@ def layerwise_gradient_bytes(config: Any, world_size: int, active_layers: int, b
 def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micro: int, block: int,
                checkpointing: bool, gamma: int, galore_rank: int, master_weights: str, freeze_embeddings: bool,
                device: str, reduce_bytes: int = FP32, live: int = ZERO3_MAX_LIVE_PARAMETERS,
-               accumulation: int = 1, update_in_backward: bool = False) -> MemoryEstimate:
+               accumulation: int = 1, update_in_backward: bool = False, galore_svd: str = "exact",
+               offload_checkpoints: bool = False) -> MemoryEstimate:
     """lisa, galore, owlore: owlore_ds/layerwise/ at DeepSpeed stage 0 (weights replicated) or 3.
 
     Per rank: the weights (all, or the ZeRO-3 partitions),
@@ -582,7 +595,7 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
         their concatenation) and scatters it back (padded copy and partition). Not pure_bf16,
         _update works on an fp32 copy of a gradient kept in bf16."""
         if low_rank and len(shape) == 2:
-            workspace = _galore_workspace(shape, galore_rank, w != FP32 and not master, state_bytes)
+            workspace = _galore_workspace(shape, galore_rank, w != FP32 and not master, state_bytes, galore_svd)
         else:
             workspace = state_bytes * numel + (FP32 * numel if w != FP32 and not master and not pure else 0)
         workspace += 0 if pure else (FP32 - accumulator_bytes) * numel
@@ -618,11 +631,11 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     in_backward = update_in_backward and accumulation == 1
     if in_backward:
         # Each item is updated and its gradient freed once complete: on one rank at once; on
-        # more when the bucket holding its last piece completes, so at most the items of the
-        # two buckets around it (bounded by the two largest owned items) are summed at a time.
+        # more when the piece completing it is taken from the reduced bucket, before the next
+        # item's sum is made (comm.GradientReducer._complete): one item's sum at a time.
         items = [item for r in range(n) for item in rank_items(r)]
         largest_owned = max(numel for numel, _, _ in items)
-        accumulated = accumulator_bytes * (1 if n == 1 else 2) * largest_owned
+        accumulated = accumulator_bytes * largest_owned
         step, est.step_workspace = 0, max(item_workspace(*item) for item in items)
     else:
         accumulated = accumulator_bytes * max(owned_numel)
@@ -634,7 +647,8 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     # no parameter gradient yet), a layer's (its recompute and temporaries, one of its
     # gradients) and lm_head's or the embeddings' gradient after the layers' activations.
     held, loss_workspace, layer_phase = _activation_parts(s, micro, block, w, checkpointing, trainable_layers=active,
-                                                          lm_head_trained=not freeze_embeddings)
+                                                          lm_head_trained=not freeze_embeddings,
+                                                          offload_checkpoints=offload_checkpoints)
     moments = [(loss_workspace, 0, "backward: loss backward (fp32 logits)"),
                (layer_phase, w * largest_layer_item, "backward: layer backward"),
                (0, w * max(always), "backward: lm_head/embedding gradient")]
@@ -651,7 +665,8 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     return est
 
 
-def _galore_workspace(shape: tuple[int, int], rank: int, bf16_no_master: bool, dtype_bytes: int = FP32) -> int:
+def _galore_workspace(shape: tuple[int, int], rank: int, bf16_no_master: bool, dtype_bytes: int = FP32,
+                      svd: str = "exact") -> int:
     """Temporaries of galore_adamw_step on one m x n matrix, at a projector refresh (step 1
     and every update_proj_gap steps, which is when the peak falls).
 
@@ -661,6 +676,10 @@ def _galore_workspace(shape: tuple[int, int], rank: int, bf16_no_master: bool, d
     gradient is bf16 and compute_projector runs the SVD on its fp32 copy (grad.to(float32)),
     which lives beside the SVD's own: one more fp32 m x n on every device (measured on CPU:
     the projector of a bf16 4096 x 1536 gradient peaks 24.0 MiB above that of an fp32 one).
+    svd="randomized" (galore._top_singular_vectors' range finder, width w = r + oversampling)
+    never factors the m x n matrix: beside the fp32 copy (pure_bf16) it holds the Gaussian
+    test matrix (n x w), two m x w and two n x w products of the power iterations with their
+    QR factors, and the SVD of the small w x n matrix (its copy, Vh and gesdd's 4w^2 + 7w).
     Then the update: the projected gradient and the normalized step (moment-sized), and the
     full m x n update projected back.
     """
@@ -668,7 +687,14 @@ def _galore_workspace(shape: tuple[int, int], rank: int, bf16_no_master: bool, d
     k = min(m, n)
     r = min(rank, m, n)
     pure = dtype_bytes != FP32  # pure_bf16: the update in bf16, no fp32 copy of the weights
-    svd = FP32 * ((2 if pure else 1) * m * n + m * k + k + k * n + 4 * k * k + 7 * k)
+    if svd == "randomized":
+        from owlore_ds.galore import OVERSAMPLE
+
+        width = min(r + OVERSAMPLE, m, n)
+        svd = FP32 * ((m * n if pure else 0) + n * width + 2 * m * width + 2 * n * width
+                      + 2 * width * n + 4 * width * width + 7 * width)
+    else:
+        svd = FP32 * ((2 if pure else 1) * m * n + m * k + k + k * n + 4 * k * k + 7 * k)
     moment = (m * r) if m >= n else (r * n)
     update = dtype_bytes * (2 * moment + m * n) + (FP32 * m * n if bf16_no_master and not pure else 0)
     return max(svd, update)
@@ -693,7 +719,8 @@ def _fused_update_bytes(method: str, numel: int, w: int) -> int:
 
 
 def _lomo(s: _Shapes, method: str, n: int, stage: int, precision: str, micro: int, block: int,
-          checkpointing: bool, device: str, live: int = ZERO3_MAX_LIVE_PARAMETERS) -> MemoryEstimate:
+          checkpointing: bool, device: str, live: int = ZERO3_MAX_LIVE_PARAMETERS,
+          offload_checkpoints: bool = False) -> MemoryEstimate:
     """lomo / adalomo (owlore_ds/fused.py): the update fused into backward, each gradient freed
     in its own hook, so a full set of gradients never exists.
 
@@ -724,7 +751,8 @@ def _lomo(s: _Shapes, method: str, n: int, stage: int, precision: str, micro: in
         est.optimizer_state = FP32 * sum(shape[0] + shape[1] if len(shape) == 2 else shape[0] for shape in tensors)
     est.optimizer_state_bytes = est.optimizer_state
     held, loss_workspace, layer_phase = _activation_parts(s, micro, block, w, checkpointing,
-                                                          trainable_layers=s.layers, lm_head_trained=True)
+                                                          trainable_layers=s.layers, lm_head_trained=True,
+                                                          offload_checkpoints=offload_checkpoints)
     layer_update = _fused_update_bytes(method, layer_largest, w)
     embedding_update = _fused_update_bytes(method, embedding_largest, w)
     moments = [(loss_workspace, 0, "backward: loss backward (fp32 logits)"),

@@ -12,6 +12,51 @@ from owlore_ds.errors import UserInputError
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+class HostOffload:
+    """Saved-tensor hooks that keep what autograd saves in forward in host memory until backward.
+
+    Under gradient checkpointing the layers save nothing (torch's checkpoint keeps holders),
+    so what reaches these hooks is each checkpointed layer's input (saved by checkpoint's
+    own input saver, outside its hooks) and the few tensors around the layers (the final
+    norm's, the loss's): the checkpoints move to the host, and each comes back when its
+    layer is recomputed. Parameters are never copied (autograd saves the tensor itself).
+    torch.autograd.graph.save_on_cpu would copy every saved tensor, lm_head's weight
+    included, and synchronously; here the copy to pinned memory is asynchronous (the
+    stream orders the copy back), so forward makes no host sync. A tensor already on the
+    host (a CPU run) stays where it is; `offloaded_bytes` counts what each forward handed
+    over either way, so a CPU run shows what a GPU would move.
+    """
+
+    def __init__(self) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        # torch pins through the current accelerator's host allocator (CUDA, XPU, ...).
+        self.pin = get_accelerator().device_name() != "cpu"
+        self.offloaded_bytes = 0
+
+    def pack(self, tensor: torch.Tensor):
+        if isinstance(tensor, torch.nn.Parameter):
+            return tensor
+        self.offloaded_bytes += tensor.numel() * tensor.element_size()
+        if tensor.device.type == "cpu":
+            return tensor
+        host = torch.empty(tensor.size(), dtype=tensor.dtype, device="cpu", pin_memory=self.pin)
+        host.copy_(tensor, non_blocking=self.pin)
+        return tensor.device, host
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=host.is_pinned())
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """The context to run forward in; resets the count."""
+        self.offloaded_bytes = 0
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
 def read_model_config(path: str):
     """The model's AutoConfig; raises UserInputError unless `path` holds a causal LM."""
     from transformers import AutoConfig

@@ -49,6 +49,7 @@ def test_bad_yaml_names_the_file_and_key(tmp_path, text, message):
     (["--max_steps", "x"], "argument --max_steps: invalid int value"),
     (["--method", "owlore", "--update_in_backward"], "--update_in_backward with --max_grad_norm 1.0: clipping"),
     (["--method", "lomo", "--update_in_backward", "--max_grad_norm", "0"], "applies to lisa, owlore and galore"),
+    (["--offload_checkpoints"], "--offload_checkpoints: offloads the layer checkpoints, so it needs --gradient_checkpointing"),
 ])
 def test_bad_flags(argv, message):
     with pytest.raises(UserInputError, match=message):

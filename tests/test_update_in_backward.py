@@ -27,7 +27,14 @@ CASES = [
     # bf16 under ZeRO-3: an owner gathers a matrix until it holds its fp32 master, then not, so
     # the gather flags (one all-reduce per backward) change between steps
     ("owlore", ZERO3, 2, 1, {"bf16": True}),
+    # fp32 on 1 and 2 ranks under ZeRO-2 and ZeRO-3, one micro-batch: the bound on the gradients
+    ("owlore", ZERO2, 1, 1, {}),
+    ("owlore", ZERO3, 1, 1, {}),
+    ("owlore", ZERO2, 2, 1, {"freeze_embeddings": True}),
+    ("owlore", ZERO3, 2, 1, {}),
 ]
+HIDDEN, INTERMEDIATE, VOCAB = 64, 128, 512  # conftest.make_model's llama
+BUCKET_ELEMENTS = HIDDEN * HIDDEN  # reduce_bucket_size "auto" (ds_config.fill)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +61,16 @@ def test_update_in_backward_equals_the_update_at_the_step(tmp_path, four_layers,
     # exists at once (with more, the earlier micro-batches' sums must be kept anyway).
     held, held_at_step = (max(m["peak_gradient_bytes"] for m in metrics) for metrics in (in_backward, at_step))
     assert held < held_at_step if accumulation == 1 else held <= held_at_step
+    if accumulation == 1 and not extra.get("bf16"):
+        # At most one bucket (none on one rank, where nothing is reduced) and the largest
+        # item a rank owns: a layer's largest matrix, or an always-trained tensor's 1/N
+        # chunk (here the embeddings' and lm_head's, larger than a layer matrix unless frozen).
+        layer_largest = HIDDEN * INTERMEDIATE
+        always_largest = 0 if extra.get("freeze_embeddings") else -(-VOCAB * HIDDEN // nproc)
+        bound = 4 * ((BUCKET_ELEMENTS if nproc > 1 else 0) + max(layer_largest, always_largest))
+        print(f"{method} {config.stem} {nproc} rank(s): peak gradient bytes {held} in backward, "
+              f"{held_at_step} at the step, bound {bound}")
+        assert held <= bound
 
 
 # ---------------------------------------------------------------- a non-finite gradient, in process

@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from owlore_ds import ds_config  # noqa: E402
 from owlore_ds.architectures import load_config  # noqa: E402
-from owlore_ds.config import MASTER_POLICIES  # noqa: E402
+from owlore_ds.config import MASTER_POLICIES, TrainConfig  # noqa: E402
 from owlore_ds.cli import run_main  # noqa: E402
 from owlore_ds.distributed import free_port  # noqa: E402
 from owlore_ds.errors import UserInputError  # noqa: E402
@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--galore_rank", type=int, default=256)
     p.add_argument("--galore_update_proj_gap", type=int, default=100)
     p.add_argument("--galore_scale", type=float, default=1.0)
+    p.add_argument("--galore_svd", default=TrainConfig.galore_svd, choices=("exact", "randomized"),
+                   help="galore, owlore: the trainer's projector refresh (the peer: always exact, as galore-torch)")
+    p.add_argument("--inactive_state", default=TrainConfig.inactive_state, choices=("free", "offload", "projectors"),
+                   help="lisa, galore, owlore: what the trainer keeps of a layer that leaves the active set (the "
+                        "peers keep everything)")
     p.add_argument("--owl_nsamples", type=int, default=16, help="calibration windows for the shared OWL ratios")
     p.add_argument("--owl_threshold_m", type=float, default=5.0)
     p.add_argument("--lora_r", type=int, default=8)
@@ -305,11 +310,15 @@ def method_flags(method: str, settings: Settings, model: Path, ratio_file: Optio
         flags["master_weights"] = args.master_weights
     if method in ("lisa", "galore", "owlore") and args.update_in_backward:
         flags.update(update_in_backward=True, max_grad_norm=0)
+    if method in ("lisa", "galore", "owlore"):
+        flags["inactive_state"] = args.inactive_state
     if method in LAYER_SAMPLED:
         flags.update(lisa_activated_layers=settings.gamma, lisa_interval_steps=settings.interval)
     if method in LOW_RANK:
         flags.update(galore_rank=args.galore_rank, galore_update_proj_gap=args.galore_update_proj_gap,
                      galore_scale=args.galore_scale, galore_proj_type="std")
+        if method not in PEERS:
+            flags["galore_svd"] = args.galore_svd
     if method in ("owlore", "peer") and ratio_file is not None:
         flags["outlier_ratios"] = ratio_file
     if method == "lora":
@@ -542,7 +551,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"lr {s['learning_rate']:g} constant",
         "- lisa, owlore, peer, peer_lisa: %d of %d layers, resampled every K = %d steps (K from %s)" % layers
         + f"; galore, owlore, peer: GaLore rank {s['galore_rank']}, gap {s['galore_update_proj_gap']}, "
-        f"scale {s['galore_scale']:g}, std; lora: r {s['lora_r']}, alpha {s['lora_alpha']:g}, "
+        f"scale {s['galore_scale']:g}, std, SVD {s.get('galore_svd', 'exact')} (the peer: exact); lisa, galore, "
+        f"owlore keep {s.get('inactive_state', 'free')} of a layer that leaves; lora: r {s['lora_r']}, alpha {s['lora_alpha']:g}, "
         f"{','.join(s['lora_target_modules'])}",
         "- peers (tools/peer_owlore.py, the reference as it runs: pure bf16, HF's loss over the full logits, "
         "clipping 1.0, the state of every visited layer kept): peer = GaLoreAdamW(lr only: eps 1e-6, no weight "

@@ -46,6 +46,9 @@ def main() -> None:
                         help="lisa/owlore/galore: updates inside backward (needs --max_grad_norm 0 in training)")
     parser.add_argument("--block_size", type=int, default=512)
     parser.add_argument("--gradient_checkpointing", type=_bool, nargs="?", const=True, default=False)
+    parser.add_argument("--offload_checkpoints", type=_bool, nargs="?", const=True, default=False,
+                        help="with --gradient_checkpointing: the layers' inputs wait in host memory")
+    parser.add_argument("--galore_svd", default="exact", help="exact or randomized (galore/owlore refresh workspace)")
     parser.add_argument("--lisa_activated_layers", type=int, default=2)
     parser.add_argument("--galore_rank", type=int, default=256)
     parser.add_argument("--master_weights", default="fp32", help="fp32 or none (layer-sampled methods)")
@@ -75,7 +78,8 @@ def main() -> None:
                   lora_r=args.lora_r, lora_target_modules=tuple(t for t in args.lora_target_modules.split(",") if t),
                   offload=args.offload, device=args.device, reduce_dtype=args.reduce_dtype,
                   gradient_accumulation_steps=args.gradient_accumulation_steps,
-                  update_in_backward=args.update_in_backward)
+                  update_in_backward=args.update_in_backward, galore_svd=args.galore_svd,
+                  offload_checkpoints=args.offload_checkpoints)
     if live is not None:
         kwargs["zero3_max_live_parameters"] = live
     estimates, skipped, errors = {}, [], []

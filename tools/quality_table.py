@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu_procs", type=int, default=2, help="trainer processes when there is no GPU")
     p.add_argument("--test_limit", type=int, default=None,
                    help="score only the first N held-out passages (quick checks; default all)")
+    p.add_argument("--extra_flags", default="", help="trainer flags added to every method's (a later flag wins), "
+                   "e.g. \"--galore_svd randomized --lisa_interval_steps 1\" to compare a choice; give each "
+                   "comparison its own --runs_dir and --output")
     p.add_argument("--force", action="store_true", help="retrain runs that already have results")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep OUT/checkpoint-* after scoring")
     args = p.parse_args(argv)
@@ -125,7 +128,7 @@ def train_command(args: argparse.Namespace, method: str, seed: int, out: Path, p
         "--max_steps", str(args.max_steps), "--learning_rate", f"{settings.learning_rate:g}",
         "--lr_scheduler_type", "cosine", "--warmup_ratio", str(args.warmup_ratio), "--weight_decay", "0",
         "--seed", str(seed), "--save_steps", "0", "--logging_steps", "10",
-        "--bf16" if precision == "bf16" else "--fp32", *settings.flags,
+        "--bf16" if precision == "bf16" else "--fp32", *settings.flags, *shlex.split(args.extra_flags),
     ]
 
 
@@ -265,7 +268,8 @@ def render(args: argparse.Namespace, results: dict, baseline: dict, header: dict
     lines += ["", "## Settings per method", "", "| method | learning rate | method flags |", "|---|---|---|"]
     for method in args.methods:
         settings = METHODS[method]
-        lines.append(f"| {method} | {settings.learning_rate:g} | `{' '.join(settings.flags) or '(none)'}` |")
+        flags = " ".join([*settings.flags, *shlex.split(args.extra_flags)])
+        lines.append(f"| {method} | {settings.learning_rate:g} | `{flags or '(none)'}` |")
     lines += ["", "## Runs", "",
               "| method | seed | choice acc | exact match | loss | peak MiB | opt. MiB | tokens/s | steps "
               "| train s | status |",

@@ -132,18 +132,19 @@ class GradientReducer:
         self._note_peak()
 
     def _complete(self) -> None:
-        done = []
         for owner, layout, flat, handle in self._pending:
             handle.wait()
-            if owner == self.rank:
-                position = 0
-                for item, offset, length in layout:
+            position = 0
+            for item, offset, length in layout:
+                if owner == self.rank:
                     self._accumulate(item, offset, flat[position : position + length])
-                    position += length
-            done += layout
+                position += length
+                # Piece by piece (the same points on every rank): an item this piece completes is
+                # updated, and its sum freed, before the next item's sum is made, so beside the
+                # bucket in flight a rank holds one item's sum, not two.
+                self._arrive([(item, offset, length)])
         self._pending = []
         self._held["pending"] = 0
-        self._arrive(done)
 
     def _arrive(self, pieces: list[tuple[Item, int, int]]) -> None:
         complete = []

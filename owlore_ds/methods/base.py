@@ -8,13 +8,14 @@ trainer.py calls only these, so it does not know which method or ZeRO stage runs
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import torch
 
 from owlore_ds import checkpoint
 from owlore_ds.config import TrainConfig
-from owlore_ds.modeling import causal_lm_loss_sum, model_inputs
+from owlore_ds.modeling import HostOffload, causal_lm_loss_sum, model_inputs
 
 
 class Method:
@@ -24,6 +25,7 @@ class Method:
 
     def __init__(self, cfg: TrainConfig, world: int, device: torch.device):
         self.cfg, self.world, self.device = cfg, world, device
+        self.host_offload = HostOffload() if cfg.offload_checkpoints else None
 
     # -- before the model exists
     @staticmethod
@@ -41,8 +43,9 @@ class Method:
         """Before the first micro-batch of optimizer step `step` (0-based)."""
 
     def loss_sum(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = module(**model_inputs(module, batch)).logits
-        return causal_lm_loss_sum(logits, batch["labels"])
+        with self.host_offload.hooks() if self.host_offload else contextlib.nullcontext():
+            logits = module(**model_inputs(module, batch)).logits
+            return causal_lm_loss_sum(logits, batch["labels"])
 
     def micro_step(self, batch: dict[str, torch.Tensor], targets: int) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its summed token loss (detached).
