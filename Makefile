@@ -32,12 +32,19 @@ benchmark: venv
 	  --methods full,lora,lisa,galore,owlore,lomo,adalomo,peer,peer_lisa --steps 6 --micro_batch_size 1 \
 	  --block_size 256 --gradient_checkpointing --master_weights pure_bf16 --lisa_interval_steps 6 --output_dir bench_out
 
-# docs/benchmarks.md's full-depth table (not yet run here): all 32 layers, owlore and lisa beside their peers, full AdamW predicted
+# docs/benchmarks.md's full-depth tables: owlore and lisa beside their peers, full AdamW predicted.
+# LLaMA2-7B at all 32 layers, one process (13.5 GB of bf16 weights: a 24 GB machine holds it). K = 1:
+# every step draws 5 new layers (the peers' kept state grows; a timeout or OOM is a row too);
+# K = 50, the reference's: the steady-state speed. Each is one invocation; hours on a 2-core CPU.
+FULL_DEPTH = --model_config llama2-7b --micro_batch_size 1 --block_size 128 --gradient_checkpointing \
+	  --master_weights pure_bf16 --update_in_backward --lisa_activated_layers 5 --owl_nsamples 8
+
 benchmark_full_depth: venv
-	DS_ACCELERATOR=$(ACCELERATOR) $(PYTHON) tools/benchmark.py --model_config llama2-7b \
-	  --methods owlore,lisa,peer,peer_lisa,full --predict_only full --steps 12 --warmup_steps_excluded 2 \
-	  --micro_batch_size 1 --block_size 256 --lisa_activated_layers 5 --lisa_interval_steps 1 \
-	  --gradient_checkpointing --master_weights pure_bf16 --output_dir bench_full_depth
+	DS_ACCELERATOR=$(ACCELERATOR) $(PYTHON) tools/benchmark.py $(FULL_DEPTH) --methods owlore,lisa,peer,peer_lisa,full \
+	  --predict_only full --steps 12 --warmup_steps_excluded 1 --lisa_interval_steps 1 --timeout_s 2400 \
+	  --output_dir bench_full_depth_k1
+	DS_ACCELERATOR=$(ACCELERATOR) $(PYTHON) tools/benchmark.py $(FULL_DEPTH) --methods owlore,peer,full \
+	  --predict_only full --steps 6 --warmup_steps_excluded 2 --lisa_interval_steps 50 --output_dir bench_full_depth_k50
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

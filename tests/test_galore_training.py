@@ -12,7 +12,8 @@ from owlore_ds.metrics import read_metrics
 from owlore_ds.galore import optimizer_state_bytes_for_shape
 
 ZERO2 = ROOT / "ds_configs" / "zero2.json"
-GALORE = dict(galore_rank=8, galore_update_proj_gap=3, galore_scale=0.5)
+# galore-torch's exact SVD and its state freed with a layer: the oracle below is galore-torch.
+GALORE = dict(galore_rank=8, galore_update_proj_gap=3, galore_scale=0.5, galore_svd="exact")
 
 
 def _oracle_weights(model_dir, data_path, steps: int, batch: int, lr: float, max_grad_norm: float,
