@@ -332,7 +332,7 @@ def estimate(config, method: str, *, world_size: int = 1, zero_stage: int = 2, p
              offload: bool = False, device: str = "cuda", reduce_dtype: str = "fp32",
              zero3_max_live_parameters: int = ZERO3_MAX_LIVE_PARAMETERS,
              gradient_accumulation_steps: int = 1, update_in_backward: bool = False,
-             galore_svd: str = "exact", offload_checkpoints: bool = False) -> MemoryEstimate:
+             galore_svd: str = "randomized", offload_checkpoints: bool = False) -> MemoryEstimate:
     """Per-device bytes of one training run of `method` on a Hugging Face decoder `config`.
 
     `device` ("cuda" or "cpu") decides the two things that differ between them: torch

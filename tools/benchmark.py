@@ -477,6 +477,8 @@ def predict(method: str, settings: Settings) -> tuple[Optional[dict[str, int]], 
         lora_target_modules=settings.lora_target_modules, offload=False)
     if args.update_in_backward and method in ("lisa", "galore", "owlore"):
         kwargs["update_in_backward"] = True
+    if method in ("galore", "owlore"):
+        kwargs["galore_svd"] = args.galore_svd
     if "device" in inspect.signature(estimate).parameters:  # CPU and GPU differ in temporaries and overhead
         kwargs["device"] = "cpu" if get_accelerator().device_name() == "cpu" else "cuda"
     live = ds_config.max_live_parameters(ds_config.read(str(deepspeed_config(args))))

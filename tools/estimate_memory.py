@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--gradient_checkpointing", type=_bool, nargs="?", const=True, default=False)
     parser.add_argument("--offload_checkpoints", type=_bool, nargs="?", const=True, default=False,
                         help="with --gradient_checkpointing: the layers' inputs wait in host memory")
-    parser.add_argument("--galore_svd", default="exact", help="exact or randomized (galore/owlore refresh workspace)")
+    parser.add_argument("--galore_svd", default="randomized", help="randomized or exact (galore/owlore refresh "
+                                                                     "workspace), as the trainer's flag")
     parser.add_argument("--lisa_activated_layers", type=int, default=2)
     parser.add_argument("--galore_rank", type=int, default=256)
     parser.add_argument("--master_weights", default="fp32", help="fp32 or none (layer-sampled methods)")
