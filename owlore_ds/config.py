@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ PROB_MODES = ("uniform", "owl", "owl_reverse", "increase", "decrease")
 SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
 PACKING_ATTENTION = ("causal", "document")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 # With bf16 weights (lisa, owlore, galore): fp32 master copies; none (bf16 weights updated
 # in fp32 and rounded back, fp32 moments); pure_bf16 (weights, moments and projectors in
 # bf16, updated in bf16 as torch AdamW and galore-torch do on a bf16 model: the reference).
@@ -83,6 +85,8 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 weights and compute (fp32 master weights)"})
     fp32: bool = field(default=False, metadata={"help": "fp32 everywhere (the default)"})
     gradient_checkpointing: bool = False
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "sdpa (torch's fused attention), eager, or flash_attention_2 (needs the flash-attn package and a GPU)"})
     offload_checkpoints: bool = field(default=False, metadata={
         "help": "with --gradient_checkpointing: each layer's saved input waits in pinned host memory until its "
                 "recompute (as DeepSpeed's cpu_checkpointing), so the device holds one layer's, not every layer's"})
@@ -211,6 +215,10 @@ class TrainConfig:
         for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        _check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise UserInputError("--attn_implementation flash_attention_2: the flash-attn package is not installed; "
+                                 "use sdpa")
         if self.offload_checkpoints and not self.gradient_checkpointing:
             raise UserInputError("--offload_checkpoints: offloads the layer checkpoints, so it needs "
                                  "--gradient_checkpointing")

@@ -93,11 +93,13 @@ def load_tokenizer(path: str):
         raise UserInputError(f"--model_name_or_path {path}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
 
 
-def load_model(path: str, precision: str, gradient_checkpointing: bool) -> torch.nn.Module:
+def load_model(path: str, precision: str, gradient_checkpointing: bool,
+               attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Loads weights onto CPU in the training dtype (under ZeRO-3, partitioned as they load)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision], local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision], local_files_only=True,
+                                                 attn_implementation=attn_implementation)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -109,7 +111,7 @@ def load_model(path: str, precision: str, gradient_checkpointing: bool) -> torch
 DOCUMENT_MASK_ATTENTION = ("sdpa", "eager")
 
 
-def check_document_attention(config, block_size: int, flag: str) -> None:
+def check_document_attention(config, block_size: int, flag: str, implementation: str = "sdpa") -> None:
     """Packing passes a 4-D mask that replaces the one the model would build, so a sliding
     window shorter than the block would be lost, and attention kernels that take no
     dense mask cannot run it: both are refused here, before anything is written."""
@@ -118,9 +120,9 @@ def check_document_attention(config, block_size: int, flag: str) -> None:
         raise UserInputError(f"{flag}: the model attends within a sliding window of {window} tokens, shorter than "
                              f"--block_size {block_size}, which the per-document mask does not keep; use --block_size "
                              f"{window} or less")
-    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     if implementation not in DOCUMENT_MASK_ATTENTION:
-        raise UserInputError(f"{flag}: needs sdpa or eager attention (a 4-D mask); the model uses {implementation}")
+        raise UserInputError(f"{flag}: needs sdpa or eager attention (a 4-D mask), not --attn_implementation "
+                             f"{implementation}")
 
 
 def document_attention_mask(position_ids: torch.Tensor, attn_implementation: str = "sdpa",

@@ -43,7 +43,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model_name_or_path)
         if cfg.packing or cfg.packing_attention == "document":
             check_document_attention(self.model_config, cfg.block_size,
-                                     "--packing" if cfg.packing else "--packing_attention document")
+                                     "--packing" if cfg.packing else "--packing_attention document",
+                                     cfg.attn_implementation)
         self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
         self.stream: Optional[StreamingBatches] = None  # --streaming: the batches, read in step order
         if cfg.streaming:
@@ -79,7 +80,7 @@ class Trainer:
         from transformers.integrations import HfDeepSpeedConfig
 
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        model = load_model(cfg.model_name_or_path, cfg.precision, cfg.gradient_checkpointing)
+        model = load_model(cfg.model_name_or_path, cfg.precision, cfg.gradient_checkpointing, cfg.attn_implementation)
         ratios = None
         if cfg.layerwise and cfg.method != "galore" and cfg.prob_mode in ("owl", "owl_reverse"):
             ratios = outlier_ratios(cfg, model, self.data)

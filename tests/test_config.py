@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -100,3 +101,9 @@ def test_single_process_and_multinode_mpi_without_master():
     assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
     with pytest.raises(UserInputError, match="MASTER_ADDR"):
         map_launcher_env({"PMI_RANK": "0", "PMI_SIZE": "16", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "8"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_needs_its_package():
+    with pytest.raises(UserInputError, match="flash_attention_2: the flash-attn package is not installed"):
+        parse_args(REQUIRED + ["--attn_implementation", "flash_attention_2"])
