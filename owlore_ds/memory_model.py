@@ -219,7 +219,7 @@ def _activation_parts(s: _Shapes, micro_batch: int, block: int, a: int, checkpoi
 
     trainable_layers: how many decoder layers have trained weights (the others are frozen);
     lora_extra: bytes the adapters add to every (frozen) layer (_lora_layer_saved);
-    offload_checkpoints: the layers' inputs wait in host memory (modeling.saved_tensors_on_host)
+    offload_checkpoints: the layers' inputs wait in host memory (modeling.HostOffload)
     and only the one being recomputed is back on the device.
     """
     tokens = micro_batch * block
