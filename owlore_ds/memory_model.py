@@ -30,25 +30,26 @@ FP32 = 4
 GB = 1e9
 
 # The process overhead that no tensor shape explains, by device.
-# - cpu: code and library state first touched after the baseline that peak_memory_bytes
-#   subtracts (transformers' modeling module, DeepSpeed's engine, the autograd engine and
-#   the first use of the CPU kernels). Measured with a 0.2M-parameter Llama, where every
-#   shape-derived term is below 1 MiB: 28-33 MiB over full/lisa/galore on 1 rank
-#   (tests/test_memory_model.py measures it again beside every check).
+# - cpu: library state first touched after the baseline that peak_memory_bytes subtracts
+#   (transformers' modeling module, DeepSpeed's engine, the autograd engine, the CPU kernels'
+#   first use). Library code is not in it: memory_baseline_bytes maps every page of the
+#   loaded libraries first, which took out 20-22 MiB that the kernel's fault-around made
+#   depend on the page cache. Measured with a 0.2M-parameter Llama, where every
+#   shape-derived term is below 1 MiB: 7.8-10.9 MiB over full/lisa/galore/owlore on 1 and 2
+#   ranks (tests/test_memory_model.py checks it beside every term).
 # - cuda: torch's cuBLAS workspace, allocated through the caching allocator and so counted
 #   in max_memory_allocated: 4096 KiB x 8 chunks on sm90 (torch's default
 #   CUBLAS_WORKSPACE_CONFIG), the CUDA context itself is not counted by max allocated.
-RUNTIME_OVERHEAD = {"cpu": 31 * 2**20, "cuda": 32 * 2**20}
+RUNTIME_OVERHEAD = {"cpu": 9 * 2**20, "cuda": 32 * 2**20}
 # CPU with bf16 weights adds a fixed amount: on x86 CPUs with AVX-512, torch runs bf16 GEMMs
 # through oneDNN (torch.backends.mkldnn), which keeps each primitive it creates (JIT code and
 # buffers, about 1 MiB per distinct GEMM shape and pass) cached for the life of the process.
 # Not a tensor and not proportional to the layer size: bf16 minus fp32 peaks of the same runs
-# were +15.5 and +13.2 MiB (owlore 1 rank, lisa 2 ranks) on a 0.2M-parameter Llama and
-# 12-19 MiB of non-tensor resident memory on the 77M one of tests/test_memory_model.py; with
-# torch.backends.mkldnn.enabled = False the bf16 runs measure what the fp32 ones do (32.3
-# against 33.7, 27.2 against 28.0 MiB). CUDA's bf16 GEMMs (cuBLAS) share RUNTIME_OVERHEAD's
-# workspace; CPUs where torch does not use oneDNN for bf16 (no AVX-512) do not have this either.
-CPU_BF16_KERNELS = 15 * 2**20
+# were +12.4 and +8.7 MiB (owlore 1 rank, lisa 2 ranks) on a 0.2M-parameter Llama (10 taken); with
+# torch.backends.mkldnn.enabled = False the bf16 runs measured what the fp32 ones do. CUDA's
+# bf16 GEMMs (cuBLAS) share RUNTIME_OVERHEAD's workspace; CPUs where torch does not use
+# oneDNN for bf16 (no AVX-512) do not have this either.
+CPU_BF16_KERNELS = 10 * 2**20
 
 
 @dataclass

@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -47,7 +48,6 @@ from tools.benchmark import child_env  # noqa: E402
 MODEL = ROOT / "models" / "shakespeare-llama"
 SOURCE = ROOT / "data" / "pretrain" / "train.txt"
 SHARD_BYTES = 256 * 2**20
-PEAK_TAG = "OWLORE_RANK_PEAK_RSS_KB"
 
 
 def write_corpus(folder: Path, target_bytes: int, seed: int) -> dict[str, int]:
@@ -86,7 +86,7 @@ def preprocess(corpus: Path, prefix: Path, workers: int, log: Path) -> dict[str,
         return json.loads(result.read_text())
     command = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(corpus), "--tokenizer",
                str(MODEL), "--output_prefix", str(prefix), "--workers", str(workers)]
-    print("$ " + " ".join(command), flush=True)
+    print("$ " + shlex.join(command), flush=True)
     start = time.perf_counter()
     with open(log, "w") as fh:
         code = subprocess.call(command, stdout=fh, stderr=subprocess.STDOUT)
@@ -111,15 +111,21 @@ def train(prefix: Path, out: Path, args: argparse.Namespace, log: Path) -> dict[
     from owlore_ds.distributed import free_port
 
     env = child_env(args.world_size)  # glibc's mmap threshold pinned, so that freed blocks do not stay resident
+    # Each rank's GNU time writes its own file: on the shared log, ranks finishing together
+    # interleaved their reports mid-line (GNU time writes a report in pieces).
+    peak_files = log.with_suffix(".peak_rss_kb")
+    for stale in log.parent.glob(f"{peak_files.name}.rank*"):
+        stale.unlink()
     command = ["torchrun", "--nproc_per_node", str(args.world_size), "--master_port", str(free_port()), "--no-python",
-               "/usr/bin/time", "-f", f"{PEAK_TAG} %M", sys.executable, str(ROOT / "launch" / "train.py"),
+               "sh", "-c", 'exec /usr/bin/time -o "$0.rank$RANK" -f %M "$@"', str(peak_files),
+               sys.executable, str(ROOT / "launch" / "train.py"),
                "--model_name_or_path", str(MODEL), "--dataset_path", str(prefix), "--output_dir", str(out),
                "--overwrite_output_dir", "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
                "--max_steps", str(args.steps), "--block_size", str(args.block_size),
                "--per_device_train_batch_size", str(args.micro_batch_size), "--learning_rate", "1e-4",
                "--warmup_steps", "0", "--logging_steps", "5", "--seed", str(args.seed),
                "--cache_dir", str(out / "cache")]
-    print("$ " + " ".join(command), flush=True)
+    print("$ " + shlex.join(command), flush=True)
     start = time.perf_counter()
     with open(log, "w") as fh:
         code = subprocess.call([sys.executable, "-m", "torch.distributed.run"] + command[1:], stdout=fh,
@@ -127,9 +133,12 @@ def train(prefix: Path, out: Path, args: argparse.Namespace, log: Path) -> dict[
     wall = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"training from {prefix} failed ({code}); see {log}")
-    peaks = [int(kb) * 1024 for kb in re.findall(rf"{PEAK_TAG} (\d+)", log.read_text(errors="replace"))]
-    if len(peaks) != args.world_size:
-        raise RuntimeError(f"expected {args.world_size} peak-RSS lines in {log}, found {len(peaks)}")
+    peaks = []
+    for rank in range(args.world_size):
+        report = Path(f"{peak_files}.rank{rank}")
+        if not report.is_file() or not report.read_text().strip().isdigit():
+            raise RuntimeError(f"rank {rank}'s peak RSS is missing from {report}; see {log}")
+        peaks.append(int(report.read_text()) * 1024)
     from owlore_ds.metrics import read_metrics
 
     records = read_metrics(out)
