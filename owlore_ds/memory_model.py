@@ -545,6 +545,7 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     """
     from owlore_ds.galore import optimizer_state_bytes_for_shape
     from owlore_ds.layerwise.plan import chunk_bounds
+    from owlore_ds.layerwise.rules import norm_workspace_numel
 
     w = PRECISIONS[precision]
     est = MemoryEstimate()
@@ -629,6 +630,10 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
 
     # Owned share in its accumulators and the buckets in flight; besides them the one gradient
     # autograd has made and the hook not yet taken, which depends on the moment (below).
+    # bf16 gradients are normed through an fp32 slab the optimizer keeps (rules.NORM_SLAB),
+    # there from the first step's norm on.
+    norm_slab = 0 if accumulator_bytes == FP32 else FP32 * max(
+        norm_workspace_numel(numel) for r in range(n) for numel, _, _ in rank_items(r))
     in_backward = update_in_backward and accumulation == 1
     if in_backward:
         # Each item is updated and its gradient freed once complete: on one rank at once; on
@@ -640,9 +645,9 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
         step, est.step_workspace = 0, max(item_workspace(*item) for item in items)
     else:
         accumulated = accumulator_bytes * max(owned_numel)
-        step, est.step_workspace = max((est.weights + per_rank[r] + held, workspace)
+        step, est.step_workspace = max((est.weights + per_rank[r] + norm_slab + held, workspace)
                                        for r, (held, workspace) in enumerate(map(step_moment, range(n))))
-    accumulated += _gradients_in_flight(n, _reduce_bucket(s), reduce_bytes)
+    accumulated += _gradients_in_flight(n, _reduce_bucket(s), reduce_bytes) + norm_slab
     largest_layer_item = max(math.prod(shape) for shape in shapes.values()) if shapes else 0
     # Three moments of backward (as _lomo): the loss' (the final norm's and logits' tensors,
     # no parameter gradient yet), a layer's (its recompute and temporaries, one of its

@@ -40,11 +40,16 @@ def test_squared_norm_of_a_bf16_gradient_is_fp32_accurate(monkeypatch):
     time. Tolerance: an fp32 sum of 64K squares errs by up to about log2(64K) * 2^-24 ~ 1e-6
     per pairwise level, ~1e-5 in all; a bf16 result (the norm's dtype by default) would round
     each row norm to 2^-8 relative, ~4e-3."""
-    monkeypatch.setattr(rules, "_NORM_SLAB", 3 * rules._NORM_ROW)  # several slabs and a tail
+    monkeypatch.setattr(rules, "NORM_SLAB", 3 * rules._NORM_ROW)  # several slabs and a tail
     torch.manual_seed(0)
     grad = (torch.randn(10 * rules._NORM_ROW + 123) * 1e-3).bfloat16()
     exact = grad.double().pow(2).sum()
     assert rules.squared_norm(grad).item() == pytest.approx(exact.item(), rel=2e-5)
+    # Through a kept slab: the same sum, bit for bit, and the slab is what was last upcast.
+    workspace = torch.full((rules.norm_workspace_numel(grad.numel()),), float("nan"))
+    assert workspace.numel() == 3 * rules._NORM_ROW
+    assert torch.equal(rules.squared_norm(grad, workspace), rules.squared_norm(grad))
+    assert torch.equal(workspace[: rules._NORM_ROW], grad[9 * rules._NORM_ROW : 10 * rules._NORM_ROW].float())
     fp32 = grad.float()
     assert rules.squared_norm(fp32).item() == pytest.approx(exact.item(), rel=2e-5)
 

@@ -42,7 +42,7 @@ from owlore_ds import galore
 from owlore_ds.config import MASTER_POLICIES
 from owlore_ds.layerwise import comm, reshard
 from owlore_ds.layerwise.plan import Item, always_items, assign_owners, full_numel
-from owlore_ds.layerwise.rules import adamw_step, squared_norm
+from owlore_ds.layerwise.rules import adamw_step, norm_workspace_numel, squared_norm
 
 INACTIVE_POLICIES = ("free", "offload", "projectors")
 # What inactive_state="projectors" keeps of a matrix's GaLore state (galore.galore_adamw_step).
@@ -103,6 +103,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._backward_gather: Optional[dict[str, bool]] = None  # ZeRO-3 gather flags of this backward
         self.projector_refreshes = 0  # SVDs this rank ran since the counter was last read
         self._backward_squares = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self._norm_workspace: Optional[torch.Tensor] = None  # fp32 slab for bf16 gradients' norms
         if update_in_backward:
             self.reducer.on_complete = self._update_completed
         self.active: list[int] = []
@@ -209,14 +210,25 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             torch_dist.all_reduce(reduced)
         return reduced.tolist()
 
+    def _squared_norms(self, grads: Iterable[torch.Tensor]) -> torch.Tensor:
+        """The float64 sum of the gradients' squares; bf16 ones are upcast through one fp32
+        slab kept for the run (rules.NORM_SLAB: at most 4 MiB), grown to the largest needed."""
+        grads = list(grads)
+        need = max((norm_workspace_numel(g.numel()) for g in grads if g.dtype != torch.float32), default=0)
+        if need > (0 if self._norm_workspace is None else self._norm_workspace.numel()):
+            self._norm_workspace = torch.empty(need, dtype=torch.float32, device=self.device)
+        squares = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for grad in grads:
+            squares += squared_norm(grad, self._norm_workspace)
+        return squares
+
     def _clip_and_plan(self, items: list[Item], grads: dict[str, torch.Tensor],
                        squares: Optional[torch.Tensor] = None) -> tuple[float, list[bool]]:
         """(clip coefficient, per item whether its owner gathers the matrix), from the step's one
         all-reduce and host sync. `squares`: of gradients already applied in backward, which
         count in the norm."""
         squares = torch.zeros(1, dtype=torch.float64, device=self.device) if squares is None else squares.clone()
-        for grad in grads.values():
-            squares += squared_norm(grad)
+        squares += self._squared_norms(grads.values())
         reduced = self._reduce_squares_and_flags(squares, items)
         self.global_grad_norm = math.sqrt(reduced[0])
         gather = [flag > 0 for flag in reduced[1:]]
@@ -302,9 +314,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return
         items = sorted(completed, key=lambda item: self._order[item.key])
         grads = {item.key: self.reducer.take(item, self.device) for item in items if item.owner == self.rank}
-        squares = torch.zeros(1, dtype=torch.float64, device=self.device)
-        for grad in grads.values():
-            squares += squared_norm(grad)
+        squares = self._squared_norms(grads.values())
         non_finite = ~torch.isfinite(squares)  # on the device: masked_fill_ below needs no sync
         for grad in grads.values():
             grad.masked_fill_(non_finite, 0)
