@@ -545,7 +545,7 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
     """
     from owlore_ds.galore import optimizer_state_bytes_for_shape
     from owlore_ds.layerwise.plan import chunk_bounds
-    from owlore_ds.layerwise.rules import norm_workspace_numel
+    from owlore_ds.layerwise.rules import ADAMW_CHUNK, norm_workspace_numel
 
     w = PRECISIONS[precision]
     est = MemoryEstimate()
@@ -591,7 +591,7 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
 
     def item_workspace(numel: int, shape: tuple[int, ...], whole_matrix: bool) -> int:
         """The update of one item: AdamW's one temporary (sqrt, then divided and shifted in
-        place), plus with bf16 weights not pure_bf16 the fp32 copy of the weights (without a
+        place; a pass of rules.ADAMW_CHUNK elements at a time), plus with bf16 weights not pure_bf16 the fp32 copy of the weights (without a
         master); GaLore: the full-size update projected back, and at a projector refresh the
         SVD of the matrix. Under ZeRO-3 the owner gathers a whole matrix (the partitions and
         their concatenation) and scatters it back (padded copy and partition). Not pure_bf16,
@@ -599,7 +599,8 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
         if low_rank and len(shape) == 2:
             workspace = _galore_workspace(shape, galore_rank, w != FP32 and not master, state_bytes, galore_svd)
         else:
-            workspace = state_bytes * numel + (FP32 * numel if w != FP32 and not master and not pure else 0)
+            workspace = (state_bytes * min(numel, ADAMW_CHUNK)  # the denominator, a pass at a time
+                         + (FP32 * numel if w != FP32 and not master and not pure else 0))
         workspace += 0 if pure else (FP32 - accumulator_bytes) * numel
         return workspace + (3 * w * numel if stage == 3 and whole_matrix else 0)
 
@@ -639,9 +640,11 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
         # Each item is updated and its gradient freed once complete: on one rank at once; on
         # more when the piece completing it is taken from the reduced bucket, before the next
         # item's sum is made (comm.GradientReducer._complete): one item's sum at a time.
+        # On one rank with one micro-batch the item's sum is the gradient autograd made (the
+        # moments' fresh gradient below), taken, updated and freed in its hook: nothing more.
         items = [item for r in range(n) for item in rank_items(r)]
         largest_owned = max(numel for numel, _, _ in items)
-        accumulated = accumulator_bytes * largest_owned
+        accumulated = 0 if n == 1 else accumulator_bytes * largest_owned
         step, est.step_workspace = 0, max(item_workspace(*item) for item in items)
     else:
         accumulated = accumulator_bytes * max(owned_numel)

@@ -54,6 +54,28 @@ def test_squared_norm_of_a_bf16_gradient_is_fp32_accurate(monkeypatch):
     assert rules.squared_norm(fp32).item() == pytest.approx(exact.item(), rel=2e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_step_in_passes_equals_torch_adamw(monkeypatch, dtype):
+    """rules.adamw_step updates a large tensor ADAMW_CHUNK elements at a time (a bounded
+    temporary); elementwise, so bit-equal to torch.optim.AdamW's single-tensor update over 3
+    steps, in fp32 and in bf16 (pure_bf16: weights, moments and gradient all bf16)."""
+    monkeypatch.setattr(rules, "ADAMW_CHUNK", 1000)  # 7 passes, the last one short
+    torch.manual_seed(0)
+    weight = torch.randn(6543).to(dtype)
+    reference = torch.nn.Parameter(weight.clone())
+    torch_adamw = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1,
+                                    foreach=False)
+    group = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.1}
+    state = {"step": 0}
+    for _ in range(3):
+        grad = torch.randn(6543).to(dtype)
+        reference.grad = grad.clone()
+        torch_adamw.step()
+        rules.adamw_step(weight, grad, state, group)
+    assert torch.equal(weight, reference.detach())
+    assert torch.equal(state["exp_avg_sq"], torch_adamw.state[reference]["exp_avg_sq"])
+
 WORLD = 3
 BUCKET_BYTES = 4 * 1000  # fp32: 500-element halves, so gradients are cut into pieces
 
