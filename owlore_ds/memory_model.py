@@ -34,9 +34,9 @@ GB = 1e9
 #   (transformers' modeling module, DeepSpeed's engine, the autograd engine, the CPU kernels'
 #   first use). Library code is not in it: memory_baseline_bytes maps every page of the
 #   loaded libraries first, which took out 20-22 MiB that the kernel's fault-around made
-#   depend on the page cache. Measured with a 0.2M-parameter Llama, where every
-#   shape-derived term is below 1 MiB: 7.8-10.9 MiB over full/lisa/galore/owlore on 1 and 2
-#   ranks (tests/test_memory_model.py checks it beside every term).
+#   depend on the page cache. Measured with a 0.2M-parameter Llama, where the shape-derived
+#   terms are below 4 MiB: 7.8-10.9 MiB over full/lisa/galore/owlore on 1 and 2 ranks
+#   (tests/test_memory_model.py::test_fixed_overhead_matches_measurement checks it).
 # - cuda: torch's cuBLAS workspace, allocated through the caching allocator and so counted
 #   in max_memory_allocated: 4096 KiB x 8 chunks on sm90 (torch's default
 #   CUBLAS_WORKSPACE_CONFIG), the CUDA context itself is not counted by max allocated.
@@ -45,8 +45,8 @@ RUNTIME_OVERHEAD = {"cpu": 9 * 2**20, "cuda": 32 * 2**20}
 # through oneDNN (torch.backends.mkldnn), which keeps each primitive it creates (JIT code and
 # buffers, about 1 MiB per distinct GEMM shape and pass) cached for the life of the process.
 # Not a tensor and not proportional to the layer size: bf16 minus fp32 peaks of the same runs
-# were +12.4 and +8.7 MiB (owlore 1 rank, lisa 2 ranks) on a 0.2M-parameter Llama (10 taken); with
-# torch.backends.mkldnn.enabled = False the bf16 runs measured what the fp32 ones do. CUDA's
+# were +12.4 and +8.7 MiB (owlore 1 rank, lisa 2 ranks) on a 0.2M-parameter Llama (10
+# taken); with torch.backends.mkldnn.enabled = False the bf16 runs measured what the fp32 ones do. CUDA's
 # bf16 GEMMs (cuBLAS) share RUNTIME_OVERHEAD's workspace; CPUs where torch does not use
 # oneDNN for bf16 (no AVX-512) do not have this either.
 CPU_BF16_KERNELS = 10 * 2**20
@@ -591,8 +591,8 @@ def _layerwise(s: _Shapes, method: str, n: int, stage: int, precision: str, micr
 
     def item_workspace(numel: int, shape: tuple[int, ...], whole_matrix: bool) -> int:
         """The update of one item: AdamW's one temporary (sqrt, then divided and shifted in
-        place; a pass of rules.ADAMW_CHUNK elements at a time), plus with bf16 weights not pure_bf16 the fp32 copy of the weights (without a
-        master); GaLore: the full-size update projected back, and at a projector refresh the
+        place; a pass of rules.ADAMW_CHUNK elements at a time), plus with bf16 weights not
+        pure_bf16 the fp32 copy of the weights (without a master); GaLore: the full-size update projected back, and at a projector refresh the
         SVD of the matrix. Under ZeRO-3 the owner gathers a whole matrix (the partitions and
         their concatenation) and scatters it back (padded copy and partition). Not pure_bf16,
         _update works on an fp32 copy of a gradient kept in bf16."""
