@@ -187,8 +187,10 @@ def test_per_step_table(three_methods):
         table = tables[row["method"]]
         assert [cells[0] for cells in table] == ["1", "2", "3"]
         assert [cells[3] for cells in table] == [str(e["layers_visited"] or "all") for e in expected]
+        # Printed to 0.1 MiB: off by at most half of that, plus the float error of the
+        # difference (15.25 printed as 15.2 differs by 0.05000000000000071).
         assert [float(cells[1].replace(",", "")) for cells in table] == pytest.approx(
-            [e["peak_memory_bytes"] / 2**20 for e in expected], abs=0.05)
+            [e["peak_memory_bytes"] / 2**20 for e in expected], abs=0.05 + 1e-9)
     # gamma 1 of 2 layers, one draw per step: the sampled runs visit one layer at step 1, at most 2
     for method in ("lisa", "owlore", "peer", "peer_lisa"):
         visited = [step["layers_visited"] for step in next(r for r in results["rows"] if r["method"] == method)[
