@@ -19,7 +19,7 @@ import random
 import re
 import shutil
 import zipfile
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -272,9 +272,49 @@ class WriteErrors:
         raise CheckpointError(f"{self.what} failed on {failed}")
 
 
+class _HeldErrorWriter:
+    """A binary file whose first write error is held instead of raised, for torch.save."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.fh.write(data)
+            except OSError as exc:
+                self.error = exc
+        return len(memoryview(data))
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.fh.flush()
+            except OSError as exc:
+                self.error = exc
+
+
+def torch_save(obj: Any, destination: str | BinaryIO, **save_options: Any) -> None:
+    """torch.save to a path or an open binary file, a failed write raising OSError.
+
+    Written by hand because torch's zip writer does not survive a failed write: to a path its
+    C++ stream throws through the zip library's C frames, which can end the process with
+    std::terminate (SIGABRT, pytorch issues 156955 and PR 175248) instead of an exception, and
+    a Python file's OSError takes the same way back. Here the writer never sees a failure: the
+    first error is held, the rest of the file is dropped, and the error is raised in Python."""
+    if isinstance(destination, str):
+        with open(destination, "wb") as fh:
+            torch_save(obj, fh, **save_options)
+        return
+    sink = _HeldErrorWriter(destination)
+    torch.save(obj, sink, **save_options)
+    if sink.error is not None:
+        raise sink.error
+
+
 def _free_space_note(path: str) -> str:
-    """torch.save's zip writer reports a full disk as "unexpected pos A vs B", without the
-    errno: say how much room the filesystem has left."""
+    """Some writers report a full disk without the errno (DeepSpeed's other checkpoint
+    engines, torch's zip writer: "unexpected pos A vs B"): say how much room is left."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     while folder and not os.path.isdir(folder):
         folder = os.path.dirname(folder)
@@ -290,8 +330,13 @@ def _guarded_engine(engine, errors: WriteErrors) -> Iterator[None]:
     """Routes DeepSpeed's file writes of a save through `errors`: its checkpoint engine's
     save (every state file) and the copy of its recovery scripts (rank 0's zero_to_fp32.py),
     the only writes of save_checkpoint(save_latest=False) between its collectives."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
     writer = engine.checkpoint_engine
     save, copy_scripts = writer.save, engine._copy_recovery_script
+    if isinstance(writer, TorchCheckpointEngine):  # its save is a plain torch.save of a path
+        options = {"_use_new_zipfile_serialization": writer.zipfile_serialization}
+        save = lambda state_dict, path: torch_save(state_dict, path, **options)  # noqa: E731
     writer.save = lambda state_dict, path: errors.run(path, save, state_dict, path)
     engine._copy_recovery_script = lambda path: errors.run(path, copy_scripts, path)
     try:
@@ -341,7 +386,7 @@ def save(step: int, cfg: TrainConfig, trainer_state: dict[str, Any], model_confi
     errors.agree()
     write(tmp, step, errors)
     rng_file = os.path.join(tmp, f"rng_state_{dist.rank()}.pth")
-    errors.run(rng_file, torch.save, _rng_state(), rng_file)
+    errors.run(rng_file, torch_save, _rng_state(), rng_file)
     if dist.is_main():
         errors.run(tmp, model_config.save_pretrained, tmp)
         errors.run(tmp, tokenizer.save_pretrained, tmp)
@@ -364,7 +409,7 @@ def save(step: int, cfg: TrainConfig, trainer_state: dict[str, Any], model_confi
 
 def save_rank_state(directory: str, rank_state: dict[str, Any], errors: WriteErrors) -> None:
     path = _rank_state_file(directory, dist.rank())
-    errors.run(path, torch.save, rank_state, path)
+    errors.run(path, torch_save, rank_state, path)
 
 
 def save_engine(engine, directory: str, step: int, errors: WriteErrors) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -27,6 +28,9 @@ def setup_logging() -> None:
 
 def run_main(main: Callable[[], None]) -> None:
     """Runs `main`; bad input ends with one line on stderr (from rank 0) and exit status 2."""
+    # A crash in native code (an abort in a C++ library, a segfault) prints every thread's
+    # Python stack, so a dead rank of a 64-GPU job says where it died.
+    faulthandler.enable()
     setup_logging()
     try:
         main()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from owlore_ds import distributed as dist
+from owlore_ds.checkpoint import torch_save
 from owlore_ds.data.indexed import token_dtype, write_atomic
 from owlore_ds.data.rows import IGNORE_INDEX, TokenizedData
 from owlore_ds.errors import UserInputError
@@ -316,7 +317,7 @@ def tokenize_once(path: str, cache_path: str, kind: str, records: list[dict], to
         log.info("tokenizing records %d-%d of %d (share %d of %d on this node)", lo, hi, len(records), share + 1, shares)
         try:
             encoded = encode_records(kind, records[lo:hi], tokenizer, block_size, packing)
-            write_atomic(part(share), lambda fh: torch.save(encoded, fh))
+            write_atomic(part(share), lambda fh: torch_save(encoded, fh))
         except Exception as exc:  # a bad record or a full disk must fail every rank, not leave them waiting
             error = exc
     if not dist.all_agree(error is None):

@@ -36,7 +36,7 @@ class OwnWeightsMethod(Method):
         checkpoint.save_full_weights(self.engine.module, directory, errors)
         if dist.is_main():
             path = os.path.join(directory, checkpoint.STEP_STATE)
-            errors.run(path, torch.save, {"optimizer": self.optimizer_scalars(), "scheduler": self.scheduler.state_dict()},
+            errors.run(path, checkpoint.torch_save, {"optimizer": self.optimizer_scalars(), "scheduler": self.scheduler.state_dict()},
                        path)
 
     def load(self, path: str, state: dict[str, Any]) -> None:
