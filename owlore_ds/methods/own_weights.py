@@ -36,8 +36,8 @@ class OwnWeightsMethod(Method):
         checkpoint.save_full_weights(self.engine.module, directory, errors)
         if dist.is_main():
             path = os.path.join(directory, checkpoint.STEP_STATE)
-            errors.run(path, checkpoint.torch_save, {"optimizer": self.optimizer_scalars(), "scheduler": self.scheduler.state_dict()},
-                       path)
+            state = {"optimizer": self.optimizer_scalars(), "scheduler": self.scheduler.state_dict()}
+            errors.run(path, checkpoint.torch_save, state, path)
 
     def load(self, path: str, state: dict[str, Any]) -> None:
         checkpoint.check_files_readable(path, int(state["global_step"]))
