@@ -91,6 +91,10 @@ class Trainer:
             self.method.load(self.resume_path, self.resume_state)
             self.step = int(self.resume_state["global_step"])
             log.info("resumed from %s at step %d", self.resume_path, self.step)
+        # from_pretrained returns the model in eval mode, where Hugging Face's decoder layers skip
+        # gradient checkpointing (GradientCheckpointingLayer checks self.training) and dropout
+        # (--lora_dropout) is the identity; the HF Trainer trains in train mode, and so do we.
+        self.method.engine.train()
         metrics.start_peak_window(self.method.engine.module)
         log.info("%d rank(s), global batch %d, %d steps, method %s, ZeRO stage %d", self.world, self.global_batch,
                  self.total_steps, cfg.method, ds_config.zero_stage(self.ds_config))

@@ -82,6 +82,26 @@ def test_other_architectures_train_and_export(tmp_path, make_tiny_model, text_co
     assert exported.config.model_type == model_type
 
 
+@pytest.mark.parametrize("method,checkpointing", [("full", True), ("owlore", True), ("full", False)])
+def test_gradient_checkpointing_recomputes_every_layer_in_backward(tmp_path, tiny_llama, task_data, method,
+                                                                   checkpointing):
+    """from_pretrained returns a model in eval mode, where HF's layers skip checkpointing: with
+    --gradient_checkpointing each layer's MLP must run twice a micro-batch (forward and the
+    backward's recompute), without it once, and the model trains in train mode."""
+    out, counts = tmp_path / "out", tmp_path / "counts.json"
+    steps, accumulation = 2, 2
+    args = common_args(tiny_llama, task_data, out, per_device_train_batch_size=2, max_steps=steps,
+                       gradient_accumulation_steps=accumulation, method=method,
+                       gradient_checkpointing=checkpointing or None, save_steps=0)
+    run_training(args, script=ROOT / "tests" / "scripts" / "count_layer_forwards.py",
+                 extra_env={"OWLORE_TEST_COUNTS": str(counts)})
+    seen = json.loads(counts.read_text())
+    assert seen["training"] is True
+    runs_per_micro_batch = 2 if checkpointing else 1
+    layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    assert seen["mlp_forwards"] == [steps * accumulation * runs_per_micro_batch] * layers
+
+
 def test_killed_and_resumed_run_equals_straight_run(tmp_path, tiny_llama, task_data):
     straight, resumed = straight_and_killed_runs(
         tiny_llama, task_data, tmp_path, deepspeed=ROOT / "ds_configs" / "zero2.json", per_device_train_batch_size=2,
